@@ -1,0 +1,89 @@
+"""Model benchmark: this model against transformers' LlamaForCausalLM, same config, same process.
+
+Prints forward+backward tokens/s and generation tokens/s (batch 1 and 16) for both, and the
+ratio. The 15M config of llama2.c (dim 288, 6 layers, 6 heads, vocab 32000, seq 256).
+
+    python bench/bench_model.py [--dtype float32|bfloat16] [--steps 5] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+from llama2 import checkpoint
+from llama2.generation import generate
+from llama2.model import preset
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - t0) / repeats
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    a = ap.parse_args()
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dtype = getattr(torch, a.dtype)
+    args = preset("15M")
+    ours = checkpoint.Transformer(args)
+    ours.init_weights()
+    folder = tempfile.mkdtemp()
+    checkpoint.export_hf(ours, None, folder)
+    peer = LlamaForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    ours, peer = ours.to(dtype), peer.to(dtype)
+    print(f"config 15M ({args.num_params() / 1e6:.1f}M params), dtype {a.dtype}, "
+          f"threads {torch.get_num_threads()}")
+
+    x = torch.randint(0, args.vocab_size, (a.batch, args.max_seq_len + 1))
+    inp, tgt = x[:, :-1], x[:, 1:]
+
+    def fb_ours():
+        loss = F.cross_entropy(ours(inp).float().flatten(0, 1), tgt.flatten())
+        loss.backward()
+
+    def fb_peer():
+        logits = peer(input_ids=inp).logits
+        loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
+        loss.backward()
+
+    ntok = inp.numel()
+    t_ours, t_peer = timed(fb_ours, a.steps), timed(fb_peer, a.steps)
+    print(f"forward+backward  ours {ntok / t_ours:9.0f} tok/s  transformers "
+          f"{ntok / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
+
+    ours.eval()
+    peer.eval()
+    for batch in (1, 16):
+        prompts = torch.randint(3, args.vocab_size, (batch, 16))
+        n_new = a.new_tokens
+
+        def gen_ours(prompts=prompts, n_new=n_new):
+            generate(ours, prompts.tolist(), max_new_tokens=n_new, eos_id=None)
+
+        def gen_peer(prompts=prompts, n_new=n_new):
+            with torch.inference_mode():
+                peer.generate(prompts, max_new_tokens=n_new, min_new_tokens=n_new,
+                              do_sample=False, pad_token_id=0)
+
+        t_ours, t_peer = timed(gen_ours, 2), timed(gen_peer, 2)
+        print(f"generate batch {batch:2d}  ours {batch * n_new / t_ours:9.0f} tok/s  "
+              f"transformers {batch * n_new / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Batched, KV-cached sampling: the one generator that chat, serving, rejection sampling, PPO
+rollouts, Ghost Attention, distillation and evaluation all use.
+
+Prompts of different lengths are left-padded into one batch; each row keeps its own rotary
+positions and a padding mask, so a row's tokens are exactly what it would get alone. Rows that
+finish (EOS or a stop rule) leave the batch, so the remaining steps cost less. Per step the
+Python work is one forward of the new tokens, the sampling and the bookkeeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from llama2.model import Transformer, causal_padding_mask
+
+
+@dataclass
+class Generation:
+    """New tokens per prompt, their log-probabilities under the model (temperature 1, before
+    top-k/top-p: the policy's own probability, what PPO and rejection sampling need), and
+    whether each row stopped on EOS or a stop rule (True) or ran out of tokens (False)."""
+
+    tokens: list[list[int]]
+    logprobs: list[list[float]]
+    finished: list[bool]
+
+
+def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
+    values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != n:
+        raise ValueError(f"{name}: got {len(values)} values for {n} prompts")
+    return torch.tensor(values).view(n, 1)
+
+
+def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+                top_k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Next token per row from logits [B, V]; temperature 0 means greedy for that row."""
+    greedy = logits.argmax(-1)
+    sampled_rows = temperature.view(-1) > 0
+    if not bool(sampled_rows.any()):
+        return greedy
+    logits = logits.float() / temperature.clamp_min(1e-6)
+    if bool((top_k > 0).any()) or bool((top_p < 1).any()):
+        sorted_logits, order = logits.sort(-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device).view(1, -1)
+        drop = (top_k > 0) & (rank >= top_k)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop |= (probs.cumsum(-1) - probs) >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator).view(-1)
+    return torch.where(sampled_rows, choice, greedy)
+
+
+@torch.inference_mode()
+def generate(
+    model: Transformer,
+    prompts: list[list[int]],
+    max_new_tokens: int = 64,
+    temperature: float | Sequence[float] = 0.0,
+    top_p: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = 0,
+    eos_id: int | None = 2,
+    pad_id: int = 0,
+    seed: int | None = None,
+    stop: Callable[[int, list[int]], bool] | None = None,
+    on_token: Callable[[int, int], None] | None = None,
+    max_batch_tokens: int | None = None,
+) -> Generation:
+    """Sample up to `max_new_tokens` after each prompt (token ids, BOS included).
+
+    temperature/top_p/top_k may be given per prompt. `stop(row, new_tokens)` ends a row early
+    (stop strings); `on_token(row, token)` streams every new token as it is sampled.
+    `max_batch_tokens` splits a large batch into chunks that fit that many cache slots.
+    """
+    if not prompts:
+        return Generation([], [], [])
+    if any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (BOS)")
+    ctx = model.args.max_seq_len
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > ctx:
+        raise ValueError(f"prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds "
+                         f"the model's context of {ctx} tokens")
+    n = len(prompts)
+    temps, tps = _per_row(temperature, n, "temperature"), _per_row(top_p, n, "top_p")
+    tks = _per_row(top_k, n, "top_k").long()
+    generator = None
+    device = model.output.weight.device
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(seed)
+
+    if max_batch_tokens and n > 1 and n * (longest + max_new_tokens) > max_batch_tokens:
+        per = max(1, max_batch_tokens // (longest + max_new_tokens))
+        out = Generation([], [], [])
+        for s in range(0, n, per):
+            def row_stop(r, t, s=s):
+                return stop(r + s, t)
+
+            def row_token(r, t, s=s):
+                on_token(r + s, t)
+
+            part = generate(model, prompts[s:s + per], max_new_tokens,
+                            temps[s:s + per].view(-1).tolist(), tps[s:s + per].view(-1).tolist(),
+                            tks[s:s + per].view(-1).tolist(), eos_id, pad_id,
+                            None if seed is None else seed + s,
+                            row_stop if stop else None, row_token if on_token else None)
+            out.tokens += part.tokens
+            out.logprobs += part.logprobs
+            out.finished += part.finished
+        return out
+
+    temps, tps, tks = temps.to(device), tps.to(device), tks.to(device)
+    lengths = torch.tensor([len(p) for p in prompts], device=device)
+    pads = longest - lengths
+    tokens = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
+    total = longest + max_new_tokens
+    padded = bool((pads > 0).any())
+    valid = torch.ones(n, total, dtype=torch.bool, device=device)
+    if padded:
+        valid[:, :longest] = torch.arange(longest, device=device).view(1, -1) >= pads.view(-1, 1)
+    cache = model.new_cache(n, total)
+
+    # Prefill: every prompt at once; rotary positions start at 0 after each row's padding.
+    positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
+    mask = causal_padding_mask(valid[:, :longest]) if padded else None
+    h = model.hidden(tokens, positions=positions if padded else None, mask=mask, cache=cache)
+    logits = model.output(h[:, -1])
+
+    rows = torch.arange(n, device=device)  # original index of each active row
+    out_tokens: list[list[int]] = [[] for _ in range(n)]
+    out_logprobs: list[list[float]] = [[] for _ in range(n)]
+    finished = [False] * n
+    pos = lengths.clone()  # next rotary position of each active row
+    for step in range(max_new_tokens):
+        nxt = sample_next(logits, temps, tps, tks, generator)
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.view(-1, 1)).view(-1)
+        nxt_list, logp_list, row_list = nxt.tolist(), logp.tolist(), rows.tolist()
+        done = []
+        for j, (r, t, lp) in enumerate(zip(row_list, nxt_list, logp_list)):
+            out_tokens[r].append(t)
+            out_logprobs[r].append(lp)
+            if on_token is not None:
+                on_token(r, t)
+            if t == eos_id or (stop is not None and stop(r, out_tokens[r])):
+                finished[r] = True
+                done.append(j)
+        if step == max_new_tokens - 1 or len(done) == len(row_list):
+            break
+        if done:  # drop finished rows from the batch and the cache
+            keep = torch.ones(len(row_list), dtype=torch.bool, device=device)
+            keep[done] = False
+            cache.select(keep)
+            rows, nxt, pos = rows[keep], nxt[keep], pos[keep]
+            temps, tps, tks, valid = temps[keep], tps[keep], tks[keep], valid[keep]
+        start = longest + step
+        step_mask = valid[:, : start + 1].view(len(rows), 1, 1, start + 1) if padded else None
+        h = model.hidden(nxt.view(-1, 1), positions=pos.view(-1, 1) if padded else None,
+                         mask=step_mask, cache=cache, start=start)
+        logits = model.output(h[:, -1])
+        pos = pos + 1
+    return Generation(out_tokens, out_logprobs, finished)
+
+
+def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
+    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
+
+
+def complete(model: Transformer, tokenizer, texts: list[str], **kwargs) -> list[str]:
+    """Text in, text out: encode with BOS, generate, decode up to EOS."""
+    prompts = tokenizer.encode_batch(texts, bos=True)
+    gen = generate(model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
+    return [tokenizer.decode(truncate_at_eos(t, tokenizer.eos_id)) for t in gen.tokens]
+
+
+def log_likelihood(model: Transformer, sequences: list[list[int]], starts: list[int],
+                   pad_id: int = 0, batch_size: int = 16) -> list[float]:
+    """Sum of log p(token) over sequence[start:] for each sequence (scoring, e.g. TruthfulQA)."""
+    out: list[float] = []
+    device = model.output.weight.device
+    with torch.inference_mode():
+        for b in range(0, len(sequences), batch_size):
+            seqs, sts = sequences[b:b + batch_size], starts[b:b + batch_size]
+            T = max(len(s) for s in seqs)
+            x = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+            for i, s in enumerate(seqs):
+                x[i, : len(s)] = torch.tensor(s)
+            logp = F.log_softmax(model(x[:, :-1]).float(), -1)
+            tok_lp = logp.gather(-1, x[:, 1:].unsqueeze(-1)).squeeze(-1)
+            for i, (s, st) in enumerate(zip(seqs, sts)):
+                out.append(float(tok_lp[i, max(st - 1, 0): len(s) - 1].sum()))
+    return out

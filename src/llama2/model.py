@@ -1,0 +1,276 @@
+"""The Llama 2 architecture in plain PyTorch, readable top to bottom.
+
+Follows Meta's reference `llama/model.py` (parameter names included: wq wk wv wo, w1 w2 w3,
+attention_norm, ffn_norm, norm, output) so Meta checkpoints load without renaming:
+pre-normalization with RMSNorm, SwiGLU feed-forward, rotary embeddings on adjacent pairs,
+grouped-query attention through `scaled_dot_product_attention`, no biases, untied embeddings
+(paper §2.2, A.2.1). Adds a preallocated KV cache for batched incremental decoding and a
+`hidden()` entry point for the reward model and the PPO value head.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int | None = None
+    vocab_size: int = 32000
+    multiple_of: int = 256
+    ffn_dim_multiplier: float | None = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_seq_len: int = 4096
+    # Explicit feed-forward width; None derives it like Meta's code. llama2.c checkpoints
+    # (e.g. stories260K, hidden 172) store a width the formula does not give.
+    hidden_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}")
+        if (self.dim // self.n_heads) % 2:
+            raise ValueError(f"head dim {self.dim // self.n_heads} must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def ffn_hidden_dim(self) -> int:
+        if self.hidden_dim is not None:
+            return self.hidden_dim
+        hidden = int(2 * (4 * self.dim) / 3)
+        if self.ffn_dim_multiplier is not None:
+            hidden = int(self.ffn_dim_multiplier * hidden)
+        return self.multiple_of * ((hidden + self.multiple_of - 1) // self.multiple_of)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self) -> int:
+        d, h, v, L = self.dim, self.ffn_hidden_dim, self.vocab_size, self.n_layers
+        kv = self.n_kv_heads * self.head_dim
+        per_layer = 2 * d * d + 2 * d * kv + 3 * d * h + 2 * d
+        return 2 * v * d + L * per_layer + d
+
+
+PRESETS: dict[str, ModelArgs] = {
+    "7B": ModelArgs(dim=4096, n_layers=32, n_heads=32),
+    "13B": ModelArgs(dim=5120, n_layers=40, n_heads=40),
+    "70B": ModelArgs(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8,
+                     ffn_dim_multiplier=1.3, multiple_of=4096),
+    # llama2.c's tinyllamas sizes and smaller ones for tests and the embedded default.
+    "15M": ModelArgs(dim=288, n_layers=6, n_heads=6, vocab_size=32000, multiple_of=32,
+                     max_seq_len=256),
+    "260K": ModelArgs(dim=64, n_layers=5, n_heads=8, n_kv_heads=4, vocab_size=512,
+                      hidden_dim=172, max_seq_len=512),
+    "tiny": ModelArgs(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, vocab_size=1024,
+                      multiple_of=32, max_seq_len=512),
+    "micro": ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=256,
+                       multiple_of=16, max_seq_len=128),
+}
+
+
+def preset(name: str, **overrides) -> ModelArgs:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(PRESETS)}")
+    return replace(PRESETS[name], **overrides)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32 as the reference does, then cast back (matters under bf16).
+        xf = x.float()
+        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return out.type_as(x) * self.weight
+
+
+def rope_tables(head_dim: int, max_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    freqs = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of `x` [B, T, H, D]; cos/sin are [B or 1, T, D/2]."""
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).type_as(x)
+
+
+class KVCache:
+    """Preallocated keys/values for every layer: [B, n_kv_heads, max_len, head_dim]."""
+
+    def __init__(self, args: ModelArgs, batch_size: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(args.n_layers)]
+        self.max_len = max_len
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Write k/v [B, H, T, D] at positions start..start+T; return the keys/values so far."""
+        end = start + k.shape[2]
+        self.k[layer][:, :, start:end] = k
+        self.v[layer][:, :, start:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (drop finished sequences)."""
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.wq = nn.Linear(args.dim, args.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0):
+        B, T, _ = x.shape
+        q = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_id, start, k, v)
+        if self.n_kv_heads != self.n_heads:  # GQA: each kv head serves n_heads/n_kv_heads queries
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        causal = mask is None and T > 1 and start == 0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.wo(out.transpose(1, 2).reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))  # SwiGLU
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args, layer_id)
+        self.feed_forward = FeedForward(args.dim, args.ffn_hidden_dim)
+        self.attention_norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, eps=args.norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, start=0):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, start)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(i, args) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, eps=args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        cos, sin = rope_tables(args.head_dim, args.max_seq_len, args.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    def init_weights(self, std: float = 0.02) -> None:
+        """GPT-2 style init for training from scratch; residual projections scaled by depth."""
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w2.weight")):
+                nn.init.normal_(p, 0.0, std / math.sqrt(2 * self.args.n_layers))
+            else:
+                nn.init.normal_(p, 0.0, std)
+
+    def hidden(self, tokens: torch.Tensor, *, positions: torch.Tensor | None = None,
+               mask: torch.Tensor | None = None, cache: KVCache | None = None,
+               start: int = 0) -> torch.Tensor:
+        """Final hidden states [B, T, dim] after the last RMSNorm.
+
+        positions: rotary positions [B, T] (default start..start+T); mask: boolean
+        [B, 1, T, S] (True = attend) for padding or packed documents; cache/start: write this
+        chunk's keys and values at cache positions start..start+T and attend to all before.
+        """
+        B, T = tokens.shape
+        if positions is None:
+            if start + T > self.args.max_seq_len:
+                raise ValueError(
+                    f"sequence of {start + T} tokens exceeds the context of {self.args.max_seq_len}")
+            cos = self.rope_cos[start:start + T].unsqueeze(0)
+            sin = self.rope_sin[start:start + T].unsqueeze(0)
+        else:
+            if int(positions.max()) >= self.args.max_seq_len:
+                raise ValueError(f"position {int(positions.max())} exceeds the context of "
+                                 f"{self.args.max_seq_len}")
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        if mask is None and start > 0 and T > 1:  # chunked prefill: causal with an offset
+            mask = causal_padding_mask(torch.ones(B, start + T, dtype=torch.bool,
+                                                  device=tokens.device), start)
+        h = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, mask, cache, start)
+        return self.norm(h)
+
+    def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Logits [B, T, vocab]; keyword arguments as in `hidden`."""
+        return self.output(self.hidden(tokens, **kwargs))
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        p = self.output.weight
+        return KVCache(self.args, batch_size, max_len or self.args.max_seq_len, p.dtype, p.device)
+
+
+def causal_padding_mask(valid: torch.Tensor, start: int = 0, total: int | None = None) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, S] for queries at start..start+T over keys 0..S.
+
+    valid: [B, S] True where the key is a real token (False for left padding). Every query
+    also sees itself so that padding rows never attend to nothing (which gives NaN).
+    """
+    B, S = valid.shape
+    total = total or S
+    T = total - start
+    q = torch.arange(start, total, device=valid.device).view(1, T, 1)
+    k = torch.arange(S, device=valid.device).view(1, 1, S)
+    mask = (k <= q) & valid.view(B, 1, S)
+    mask = mask | (k == q)
+    return mask.unsqueeze(1)
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """Block-diagonal causal mask [B, 1, T, T] for packed sequences: no attention across docs."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)
+    return (same & causal).unsqueeze(1)

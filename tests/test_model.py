@@ -1,0 +1,183 @@
+"""Model, checkpoint formats and generation, checked against transformers itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import shared_file
+from llama2 import checkpoint
+from llama2.generation import generate, log_likelihood
+from llama2.model import ModelArgs, Transformer, preset
+
+transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
+
+
+def tiny(n_kv_heads: int, seed: int = 0, **kw) -> Transformer:
+    torch.manual_seed(seed)
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=300,
+                     multiple_of=16, max_seq_len=96, **kw)
+    m = Transformer(args)
+    m.init_weights(std=0.1)
+    return m.eval()
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_logits_equal_transformers_and_roundtrip(tmp_path, n_kv_heads):
+    model = tiny(n_kv_heads, rope_theta=500.0)
+    checkpoint.export_hf(model, None, tmp_path / "hf")
+    peer = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    x = torch.randint(0, 300, (3, 40))
+    with torch.no_grad():
+        ours, theirs = model(x), peer(x).logits
+        assert (ours - theirs).abs().max() < 1e-4
+        loaded = checkpoint.load(tmp_path / "hf")
+        assert loaded.format == "hf"
+        assert torch.equal(loaded.model(x), ours)
+        # HF -> native -> HF again gives the same logits.
+        checkpoint.save(loaded.model, None, tmp_path / "native")
+        again = checkpoint.load(tmp_path / "native")
+        assert again.format == "native" and torch.equal(again.model(x), ours)
+
+
+def test_sharded_hf_folder_loads(tmp_path):
+    model = tiny(2)
+    peer_dir = tmp_path / "hf"
+    checkpoint.export_hf(model, None, tmp_path / "one")
+    peer = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "one")
+    peer.save_pretrained(peer_dir, max_shard_size="50KB")
+    assert len(list(peer_dir.glob("*.safetensors"))) > 1
+    x = torch.randint(0, 300, (2, 17))
+    with torch.no_grad():
+        assert (checkpoint.load(peer_dir).model(x) - model(x)).abs().max() < 1e-5
+
+
+def test_greedy_generation_equals_transformers_batched():
+    model = tiny(2)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.export_hf(model, None, d)
+        peer = transformers.LlamaForCausalLM.from_pretrained(d).eval()
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34]]
+    ours = generate(model, prompts, max_new_tokens=32, eos_id=None)
+    for p, new in zip(prompts, ours.tokens):
+        with torch.no_grad():
+            out = peer.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+        assert out[0, len(p):].tolist() == new
+    # The batch (left-padded, rows at different positions) equals each prompt alone.
+    for p, new in zip(prompts, ours.tokens):
+        assert generate(model, [p], max_new_tokens=32, eos_id=None).tokens[0] == new
+
+
+def test_generation_logprobs_match_forward_and_sampling_is_seeded():
+    model = tiny(2)
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10]]
+    g = generate(model, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3,
+                 eos_id=None)
+    assert g.tokens == generate(model, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                                seed=3, eos_id=None).tokens
+    assert g.tokens != generate(model, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9,
+                                seed=4, eos_id=None).tokens
+    for p, new, lps in zip(prompts, g.tokens, g.logprobs):
+        total = log_likelihood(model, [p + new], [len(p)])[0]
+        assert abs(total - sum(lps)) < 1e-3
+
+
+def test_generation_stops_on_eos_and_top_k_one_is_greedy():
+    model = tiny(4)
+    prompts = [[1, 5, 6], [1, 9]]
+    greedy = generate(model, prompts, max_new_tokens=12, eos_id=None)
+    k1 = generate(model, prompts, max_new_tokens=12, temperature=1.5, top_k=1, seed=0,
+                  eos_id=None)
+    assert k1.tokens == greedy.tokens
+    eos = greedy.tokens[0][4]
+    stopped = generate(model, prompts[:1], max_new_tokens=12, eos_id=eos)
+    assert stopped.tokens[0] == greedy.tokens[0][: greedy.tokens[0].index(eos) + 1]
+    assert stopped.finished == [True]
+
+
+def test_prompt_longer_than_context_is_a_clear_error():
+    model = tiny(2)
+    with pytest.raises(ValueError, match="exceeds the model's context of 96"):
+        generate(model, [[1] * 90], max_new_tokens=10)
+
+
+def _write_meta(model: Transformer, folder, n_shards: int) -> None:
+    """Split a state dict the way Meta's model-parallel layers are split."""
+    split = checkpoint._META_SPLIT
+    state = model.state_dict()
+    folder.mkdir()
+    for r in range(n_shards):
+        shard = {}
+        for name, w in state.items():
+            dim = split.get(name.split(".")[-2])
+            shard[name] = w.chunk(n_shards, dim)[r].clone() if dim is not None else w.clone()
+        torch.save(shard, folder / f"consolidated.{r:02d}.pth")
+    a = model.args
+    params = {"dim": a.dim, "n_layers": a.n_layers, "n_heads": a.n_heads,
+              "n_kv_heads": a.n_kv_heads, "multiple_of": a.multiple_of, "norm_eps": a.norm_eps,
+              "vocab_size": -1, "max_seq_len": a.max_seq_len}
+    (folder / "params.json").write_text(json.dumps(params))
+
+
+def test_meta_checkpoint_with_two_shards(tmp_path):
+    model = tiny(2)
+    _write_meta(model, tmp_path / "meta", 2)
+    loaded = checkpoint.load(tmp_path / "meta")
+    assert loaded.format == "meta" and loaded.args.vocab_size == 300
+    x = torch.randint(0, 300, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x), model(x))
+
+
+def test_stories260k_tells_lily_story():
+    path = shared_file("tinyllamas-stories260K", "stories260K.bin")
+    loaded = checkpoint.load(path)
+    assert loaded.args.dim == 64 and loaded.args.n_kv_heads == 4
+    tok = loaded.tokenizer
+    gen = generate(loaded.model, [[tok.bos_id]], max_new_tokens=40, eos_id=tok.eos_id)
+    text = tok.decode(gen.tokens[0])
+    assert text.startswith("Once upon a time, there was a little girl named Lily. She loved "
+                           "to play outside in the park.")
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(checkpoint.CheckpointError, match="no such file"):
+        checkpoint.load(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match="not a checkpoint folder"):
+        checkpoint.load(tmp_path / "empty")
+    tok = shared_file("tinyllamas-stories260K", "tok512.model")
+    model = tiny(2)  # vocabulary 300
+    checkpoint.save(model, None, tmp_path / "native")
+    with pytest.raises(checkpoint.CheckpointError, match="512 pieces but the model's vocabulary "
+                                                         "is 300"):
+        checkpoint.load(tmp_path / "native", tokenizer=tok)
+
+
+def test_presets_match_the_paper():
+    assert preset("7B").ffn_hidden_dim == 11008
+    assert preset("13B").ffn_hidden_dim == 13824
+    assert preset("70B").ffn_hidden_dim == 28672
+    assert abs(preset("7B").num_params() / 1e9 - 6.74) < 0.01
+    with torch.device("meta"):
+        m = Transformer(preset("70B"))
+    assert abs(sum(p.numel() for p in m.parameters()) / 1e9 - 68.98) < 0.01
+
+
+def test_document_mask_blocks_attention_across_documents():
+    model = tiny(2)
+    from llama2.model import document_mask
+
+    a, b = torch.randint(0, 300, (1, 7)), torch.randint(0, 300, (1, 5))
+    packed = torch.cat([a, b], 1)
+    doc = torch.tensor([[0] * 7 + [1] * 5])
+    positions = torch.tensor([list(range(7)) + list(range(5))])
+    with torch.no_grad():
+        out = model(packed, mask=document_mask(doc), positions=positions)
+        assert (out[:, 7:] - model(b)).abs().max() < 1e-5
+        assert (out[:, :7] - model(a)).abs().max() < 1e-5
