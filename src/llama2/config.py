@@ -102,6 +102,12 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "config") -> T:
             raise ConfigError(
                 f"{where}: unknown field {key!r}; valid fields: {', '.join(sorted(fields))}"
             )
+        f = fields[key]
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict) and \
+                f.default_factory is not dataclasses.MISSING:
+            # A partial nested table overrides the stage's own defaults for that section
+            # (e.g. SFT's train.lr), not the section class's defaults.
+            value = _merge(dataclasses.asdict(f.default_factory()), value)
         kwargs[key] = _coerce(value, hints[key], f"{where}.{key}")
     return cls(**kwargs)
 

@@ -1,0 +1,128 @@
+"""Reward models (recipe §4, paper §3.2.2): the Llama 2 model with its next-token head replaced
+by a scalar head, and the one scoring API every later stage shares.
+
+Input: the dialog context plus the response, in the chat format (`encode_dialog` of the dialog
+with the response as the last assistant turn); the score is read at the last token (the EOS
+that closes the answer). Scores are logits; `torch.sigmoid(score)` is the probability form the
+PPO reward and the safety threshold use (recipe §6).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from llama2.chat import Dialog, encode_dialog
+from llama2.model import ModelArgs, Transformer
+from llama2.tokenizer import Tokenizer
+from llama2.utils import atomic_write, atomic_write_text
+
+REWARD_MARKER = "llama2_reward"
+
+
+class RewardModel(nn.Module):
+    def __init__(self, transformer: Transformer):
+        super().__init__()
+        self.transformer = transformer
+        # The next-token head is dropped; a scalar regression head takes its place. Zero init:
+        # every response starts at score 0, so the first updates come from the ranking loss.
+        transformer.output = nn.Identity()  # type: ignore[assignment]
+        self.score_head = nn.Linear(transformer.args.dim, 1)
+        nn.init.zeros_(self.score_head.weight)
+        nn.init.zeros_(self.score_head.bias)
+
+    @property
+    def args(self) -> ModelArgs:
+        return self.transformer.args
+
+    def forward(self, tokens: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Scores [B] of right-padded sequences tokens [B, T] read at index `last` [B]."""
+        h = self.transformer.hidden(tokens)
+        h_last = h[torch.arange(h.shape[0], device=h.device), last]
+        return self.score_head(h_last).squeeze(-1).float()
+
+
+def from_policy(policy: Transformer) -> RewardModel:
+    """Initialize a reward model from a chat/SFT checkpoint (paper §3.2.2)."""
+    return RewardModel(policy)
+
+
+def save_reward_model(rm: RewardModel, tokenizer: Tokenizer | None, folder: str | os.PathLike,
+                      kind: str, extra: dict | None = None) -> Path:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().cpu() for k, v in rm.state_dict().items()}
+    atomic_write(folder / "model.safetensors", lambda tmp: save_file(state, tmp))
+    if tokenizer is not None:
+        tokenizer.save(folder / "tokenizer.model")
+    meta = {"format": REWARD_MARKER, "kind": kind, "model_args": rm.args.to_dict(),
+            "extra": extra or {}}
+    atomic_write_text(folder / "config.json", json.dumps(meta, indent=2) + "\n")
+    return folder
+
+
+def load_reward_model(folder: str | os.PathLike, device: str | torch.device = "cpu"
+                      ) -> tuple[RewardModel, Tokenizer, dict]:
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{folder}: no reward model here (config.json missing)")
+    meta = json.loads(cfg_path.read_text())
+    if meta.get("format") != REWARD_MARKER:
+        raise ValueError(f"{folder}: not a reward model (format {meta.get('format')!r})")
+    rm = RewardModel(Transformer(ModelArgs(**meta["model_args"])))
+    rm.load_state_dict(load_file(folder / "model.safetensors"))
+    tok = Tokenizer(folder / "tokenizer.model")
+    return rm.to(device).eval(), tok, meta
+
+
+def encode_scored(tok: Tokenizer, dialog: Dialog, response: str, max_len: int) -> list[int]:
+    """Context + response in the chat format, cut from the left to fit (the answer matters)."""
+    ids, _ = encode_dialog(tok, list(dialog) + [{"role": "assistant", "content": response}],
+                           learn="none")
+    return ids[-max_len:]
+
+
+def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(s) for s in seqs)
+    tokens = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return tokens, torch.tensor([len(s) - 1 for s in seqs])
+
+
+@torch.no_grad()
+def score(rm: RewardModel, tok: Tokenizer, dialogs: list[Dialog], responses: list[str],
+          batch_size: int = 32) -> torch.Tensor:
+    """Scores (logits) [N] of each response in its dialog context, batched."""
+    if len(dialogs) != len(responses):
+        raise ValueError(f"{len(dialogs)} dialogs but {len(responses)} responses")
+    device = rm.score_head.weight.device
+    was_training = rm.training
+    rm.eval()
+    seqs = [encode_scored(tok, d, r, rm.args.max_seq_len) for d, r in zip(dialogs, responses)]
+    # Sort by length so each batch pads little; restore the order at the end.
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = torch.empty(len(seqs))
+    for b in range(0, len(order), batch_size):
+        idx = order[b:b + batch_size]
+        tokens, last = pad_right([seqs[i] for i in idx], tok.pad_id)
+        out[idx] = rm(tokens.to(device), last.to(device)).cpu()
+    rm.train(was_training)
+    return out
+
+
+class Scorer:
+    """A reward model loaded from disk, called as `scorer(dialogs, responses)`."""
+
+    def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu"):
+        self.rm, self.tok, self.meta = load_reward_model(folder, device)
+        self.kind: str = self.meta.get("kind", "helpfulness")
+
+    def __call__(self, dialogs: list[Dialog], responses: list[str]) -> torch.Tensor:
+        return score(self.rm, self.tok, dialogs, responses)

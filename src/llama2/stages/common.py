@@ -1,0 +1,51 @@
+"""What the recipe stages share: loading a policy, reading dialog sources, run directories."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from llama2 import checkpoint, config
+from llama2.chat import Dialog
+from llama2.utils import resolve_device
+
+
+def load_policy(path: str, device: str = "auto") -> checkpoint.Loaded:
+    """A policy checkpoint in fp32 (training keeps fp32 master weights) with its tokenizer."""
+    if not path:
+        raise ValueError("no model given (set --model PATH)")
+    loaded = checkpoint.load(path, dtype=torch.float32, device=resolve_device(device))
+    if loaded.tokenizer is None:
+        raise ValueError(f"{path}: no tokenizer.model beside the checkpoint")
+    return loaded
+
+
+def load_dialogs(path: str) -> list[Dialog]:
+    """Dialogs from a file: `messages` JSONL (.jsonl) or Alpaca JSON (.json)."""
+    from llama2.world import adapters
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    if p.suffix == ".json":
+        return adapters.load_alpaca(p)
+    return adapters.load_messages_jsonl(p)
+
+
+def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
+    """Parse `--config FILE --key value ...` into the stage's config dataclass."""
+    if argv and argv[0] in ("-h", "--help"):
+        fields = json.dumps(config.to_dict(cls()), indent=2)
+        print(f"usage: llama2 {prog} [--config FILE.toml] [--section.key value ...]\n\n"
+              f"{(sys.modules[cls.__module__].__doc__ or '').strip()}\n\ndefaults:\n{fields}")
+        sys.exit(0)
+    return config.parse(cls, argv)
+
+
+def stage_done(out: str | Path) -> bool:
+    """A stage's final model folder is complete (config.json is written last)."""
+    return (Path(out) / "model" / "config.json").is_file()

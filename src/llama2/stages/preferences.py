@@ -1,0 +1,112 @@
+"""Preference collection (recipe §3, paper §3.2.1), with the world's annotators as the humans.
+
+For each prompt, two responses from different model variants and temperatures; the annotator
+picks one and rates how much better it is (four levels); safety comparisons also carry the
+three-bin safety label, and pairs where the chosen is unsafe and the other safe are dropped
+(paper §3.2.1). Each call writes one versioned batch, `helpful_batch_K.jsonl` and
+`safety_batch_K.jsonl`; the next iteration samples a new batch from the newer policy, so the
+reward models stay on the policy's distribution.
+
+    llama2 preferences --models runs/x/sft/model --out runs/x/preferences
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from llama2.chat import encode_prompt
+from llama2.generation import generate, truncate_at_eos
+from llama2.stages.common import load_policy, parse_stage
+from llama2.utils import atomic_write_text
+
+
+@dataclass
+class PreferencesConfig:
+    # Model variants to sample from (e.g. the newest policy and an earlier one); each response
+    # of a pair comes from a random (variant, temperature).
+    models: list[str] = field(default_factory=list)
+    out: str = "runs/preferences"
+    batch: int = -1  # batch number; -1: the next free one
+    world_seed: int = 0
+    annotator_seed: int = 0
+    n_helpful: int = 600
+    n_safety: int = 300
+    temperatures: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
+    max_new_tokens: int = 48
+    seed: int = 0
+    device: str = "auto"
+
+
+def next_batch_index(out: Path) -> int:
+    done = [int(p.stem.rsplit("_", 1)[1]) for p in out.glob("helpful_batch_*.jsonl")]
+    return max(done, default=-1) + 1
+
+
+def sample_responses(loaded, prompts, temperatures: list[float], max_new_tokens: int,
+                     seed: int) -> list[str]:
+    """One response per (prompt, temperature), batched through the shared generator."""
+    tok = loaded.tokenizer
+    ids = [encode_prompt(tok, p.dialog) for p in prompts]
+    room = loaded.args.max_seq_len - max(len(i) for i in ids)
+    gen = generate(loaded.model, ids, max_new_tokens=min(max_new_tokens, room),
+                   temperature=temperatures, top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
+                   seed=seed, max_batch_tokens=64 * 512)
+    return [tok.decode(truncate_at_eos(t, tok.eos_id)).strip() for t in gen.tokens]
+
+
+def collect(cfg: PreferencesConfig) -> dict:
+    from llama2.world import Annotator, World
+    from llama2.world.adapters import write_preferences_jsonl
+
+    if not cfg.models:
+        raise ValueError("no model to sample from (set --models PATH[,PATH...])")
+    out = Path(cfg.out)
+    k = cfg.batch if cfg.batch >= 0 else next_batch_index(out)
+    world, annotator = World(cfg.world_seed), Annotator(cfg.annotator_seed + k)
+    # Fresh prompts for every batch: batch k takes the k-th slice of the world's prompt stream.
+    helpful = world.helpful_prompts(cfg.n_helpful * (k + 1), split="train")[cfg.n_helpful * k:]
+    safety = world.safety_prompts(cfg.n_safety * (k + 1), split="train")[cfg.n_safety * k:]
+    prompts = helpful + safety
+    rng = random.Random(f"preferences:{cfg.seed}:{k}")
+    # Each prompt gets two distinct (variant, temperature) draws.
+    variants = [(m, t) for m in range(len(cfg.models)) for t in cfg.temperatures]
+    if len(variants) < 2:
+        raise ValueError("need two model variants or temperatures to compare")
+    picks = [rng.sample(variants, 2) for _ in prompts]
+    responses: list[list[str]] = [["", ""] for _ in prompts]
+    for m, path in enumerate(cfg.models):
+        loaded = load_policy(path, cfg.device)
+        jobs = [(i, s, t) for i, pair in enumerate(picks) for s, (mm, t) in enumerate(pair)
+                if mm == m]
+        texts = sample_responses(loaded, [prompts[i] for i, _, _ in jobs],
+                                 [t for _, _, t in jobs], cfg.max_new_tokens, cfg.seed + 7919 * k)
+        for (i, s, _), text in zip(jobs, texts):
+            responses[i][s] = text
+    pairs = {"helpful": [], "safety": []}
+    stats: Counter = Counter()
+    for p, (a, b) in zip(prompts, responses):
+        aspect = "safety" if p.kind == "safety" else "helpfulness"
+        comp = annotator.compare(p, a, b, aspect=aspect)
+        if aspect == "safety" and comp.safety_bin == "chosen_unsafe_other_safe":
+            stats["dropped_chosen_unsafe"] += 1
+            continue
+        pairs["helpful" if aspect == "helpfulness" else "safety"].append(comp.to_pair())
+        stats[f"{aspect}:{comp.level}"] += 1
+        if comp.safety_bin:
+            stats[f"bin:{comp.safety_bin}"] += 1
+    for name, items in pairs.items():
+        write_preferences_jsonl(out / f"{name}_batch_{k}.jsonl", items)
+    summary = {"batch": k, "models": cfg.models, "helpful_pairs": len(pairs["helpful"]),
+               "safety_pairs": len(pairs["safety"]), "counts": dict(sorted(stats.items()))}
+    atomic_write_text(out / f"stats_batch_{k}.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    cfg: PreferencesConfig = parse_stage(PreferencesConfig, argv, "preferences")
+    summary = collect(cfg)
+    print(json.dumps(summary, indent=2))

@@ -1,0 +1,283 @@
+"""Reward models (recipe §4, paper §3.2.2): Helpfulness RM and Safety RM.
+
+The loss is the binary ranking loss with a margin by rating level,
+`L = -log(sigmoid(r(x, y_c) - r(x, y_r) - m(r)))` (paper eq. 2), with the "small" and "large"
+margin tables (Table 27) or none; the Safety RM may add the auxiliary safe/unsafe loss on
+sigmoid(score) (Table 29). One epoch (longer overfits), AdamW as pretraining, cosine to 10%,
+warmup 3% of the steps (at least 5). Data mixes (§3.2.2): the Helpfulness RM takes all
+helpfulness data plus an equal part sampled from safety and open data; the Safety RM all safety
+data plus open harmless data, mixed 90/10 with helpfulness data.
+
+    llama2 reward --kind helpfulness --model runs/x/sft/model --helpful-data a.jsonl ...
+    llama2 reward --evaluate runs/x/rm_helpful --eval-data test.jsonl.gz
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from llama2.engine import EpochSampler, TrainConfig, Trainer
+from llama2.reward import RewardModel, encode_scored, from_policy, pad_right, save_reward_model
+from llama2.stages.common import load_policy, parse_stage
+from llama2.utils import atomic_write_text
+
+LEVELS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+MARGINS = {  # paper Table 27
+    "none": dict.fromkeys(LEVELS, 0.0),
+    "small": dict(zip(LEVELS, (1.0, 2 / 3, 1 / 3, 0.0))),
+    "large": dict(zip(LEVELS, (3.0, 2.0, 1.0, 0.0))),
+}
+# Safety labels of (chosen, rejected) by safety bin; None = unknown (no auxiliary loss).
+BIN_LABELS = {"chosen_safe_other_unsafe": (1.0, 0.0), "both_safe": (1.0, 1.0),
+              "both_unsafe": (0.0, 0.0)}
+
+
+def rm_train_defaults() -> TrainConfig:
+    return TrainConfig(lr=1e-5, epochs=1.0, warmup_steps=5, warmup_ratio=0.03,
+                       micro_batch_size=16, global_batch=512)
+
+
+@dataclass
+class RewardConfig:
+    kind: str = "helpfulness"  # "helpfulness" | "safety"
+    model: str = ""  # chat/SFT checkpoint to initialize from
+    out: str = "runs/rm"
+    helpful_data: list[str] = field(default_factory=list)  # preference files (.jsonl[.gz])
+    safety_data: list[str] = field(default_factory=list)
+    open_helpful_data: list[str] = field(default_factory=list)  # e.g. HH-RLHF helpful-base
+    open_harmless_data: list[str] = field(default_factory=list)  # e.g. HH-RLHF harmless-base
+    # Share of the mix drawn from the secondary data (paper: 0.5 for the Helpfulness RM, "equal
+    # parts"; 0.1 for the Safety RM, the 90/10 mix); -1 takes the paper's value for `kind`.
+    secondary_share: float = -1.0
+    margin: str = "small"  # "none" | "small" | "large"
+    aux_safety_loss: bool = False  # Safety RM auxiliary loss (Table 29)
+    aux_weight: float = 1.0
+    eval_data: list[str] = field(default_factory=list)  # held-out comparisons
+    val_fraction: float = 0.1  # held out of the training data when eval_data is empty
+    max_len: int = 0  # 0: the model's context
+    evaluate: str = ""  # path of a trained RM: evaluate only
+    seed: int = 0
+    train: TrainConfig = field(default_factory=rm_train_defaults)
+
+
+# --------------------------------------------------------------------------------- data
+def read_pairs(paths: list[str]) -> list:
+    from llama2.world.adapters import load_hh_rlhf, load_preferences_jsonl
+
+    pairs = []
+    for p in paths:
+        name = Path(p).name
+        # HH-RLHF transcripts ("Human: ... Assistant: ...") versus our preference JSONL.
+        loader = load_hh_rlhf if ("hh" in str(p).lower() or name.startswith(("train", "test"))) \
+            else load_preferences_jsonl
+        pairs += loader(p)
+    return pairs
+
+
+def build_mix(primary: list, secondary: list, share: float, rng: random.Random) -> list:
+    """All of `primary`, plus secondary samples making up `share` of the result."""
+    if not secondary or share <= 0:
+        return list(primary)
+    if not primary:
+        return list(secondary)
+    want = round(len(primary) * share / (1 - share)) if share < 1 else len(secondary)
+    extra = rng.sample(secondary, min(want, len(secondary)))
+    return list(primary) + extra
+
+
+def training_mix(cfg: RewardConfig, rng: random.Random) -> list:
+    helpful, safety = read_pairs(cfg.helpful_data), read_pairs(cfg.safety_data)
+    open_helpful, open_harmless = read_pairs(cfg.open_helpful_data), read_pairs(cfg.open_harmless_data)
+    if cfg.kind == "helpfulness":
+        share = 0.5 if cfg.secondary_share < 0 else cfg.secondary_share
+        primary = helpful or open_helpful
+        rest = safety + open_harmless + (open_helpful if helpful else [])
+    elif cfg.kind == "safety":
+        share = 0.1 if cfg.secondary_share < 0 else cfg.secondary_share
+        primary = safety + open_harmless
+        rest = helpful + open_helpful
+    else:
+        raise ValueError(f"kind must be 'helpfulness' or 'safety', got {cfg.kind!r}")
+    mix = build_mix(primary, rest, share, rng)
+    if not mix:
+        raise ValueError(f"no preference data for the {cfg.kind} RM (set --{cfg.kind}-data)")
+    return mix
+
+
+def encode_pair(tok, pair, max_len: int) -> dict[str, Any]:
+    return {"chosen": encode_scored(tok, pair.dialog, pair.chosen, max_len),
+            "rejected": encode_scored(tok, pair.dialog, pair.rejected, max_len),
+            "level": pair.level, "safety_bin": pair.safety_bin}
+
+
+def make_collate(pad_id: int, margin: str):
+    table = MARGINS[margin]
+
+    def collate(items: list[dict]) -> dict[str, torch.Tensor]:
+        tokens, last = pad_right([i["chosen"] for i in items] + [i["rejected"] for i in items],
+                                 pad_id)
+        labels = [BIN_LABELS.get(i["safety_bin"] or "", (-1.0, -1.0)) for i in items]
+        return {"tokens": tokens, "last": last,
+                "margin": torch.tensor([table.get(i["level"] or "", 0.0) for i in items]),
+                "safe": torch.tensor(labels).t().reshape(-1)}  # chosen labels, then rejected
+
+    return collate
+
+
+def ranking_loss(rm: RewardModel, batch: dict[str, torch.Tensor], aux_weight: float = 0.0
+                 ) -> tuple[torch.Tensor, dict[str, float], int]:
+    """Margin ranking loss (paper eq. 2), plus the auxiliary safety loss when weighted."""
+    scores = rm(batch["tokens"], batch["last"])
+    n = scores.shape[0] // 2
+    chosen, rejected = scores[:n], scores[n:]
+    loss = -F.logsigmoid(chosen - rejected - batch["margin"]).mean()
+    metrics = {"accuracy": float((chosen > rejected).float().mean())}
+    if aux_weight:
+        known = batch["safe"] >= 0
+        if bool(known.any()):
+            aux = F.binary_cross_entropy_with_logits(scores[known], batch["safe"][known])
+            loss = loss + aux_weight * aux
+            metrics["aux_loss"] = float(aux)
+    return loss, metrics, n
+
+
+# --------------------------------------------------------------------------------- eval
+@torch.no_grad()
+def pair_scores(rm: RewardModel, items: list[dict], pad_id: int, batch_size: int = 32
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    rm.eval()
+    collate = make_collate(pad_id, "none")
+    chosen, rejected = [], []
+    device = rm.score_head.weight.device
+    for b in range(0, len(items), batch_size):
+        batch = collate(items[b:b + batch_size])
+        s = rm(batch["tokens"].to(device), batch["last"].to(device)).cpu()
+        n = s.shape[0] // 2
+        chosen.append(s[:n])
+        rejected.append(s[n:])
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def evaluate_rm(rm: RewardModel, items: list[dict], pad_id: int) -> dict[str, Any]:
+    """Accuracy per rating level (Table 8 layout) and per safety bin, and the recall of unsafe
+    responses at sigmoid(score) < 0.5 (Table 29)."""
+    chosen, rejected = pair_scores(rm, items, pad_id)
+    right = (chosen > rejected).float()
+    by_level, by_bin = defaultdict(list), defaultdict(list)
+    unsafe_hits: list[float] = []
+    for i, item in enumerate(items):
+        by_level[item["level"] or "unknown"].append(float(right[i]))
+        if item["safety_bin"]:
+            by_bin[item["safety_bin"]].append(float(right[i]))
+            labels = BIN_LABELS.get(item["safety_bin"])
+            if labels:
+                for label, s in zip(labels, (chosen[i], rejected[i])):
+                    if label == 0.0:
+                        unsafe_hits.append(float(torch.sigmoid(s) < 0.5))
+    out: dict[str, Any] = {
+        "n": len(items), "accuracy": float(right.mean()) if len(items) else 0.0,
+        "accuracy_by_level": {k: sum(v) / len(v) for k, v in by_level.items()},
+        "count_by_level": {k: len(v) for k, v in by_level.items()},
+        "accuracy_by_bin": {k: sum(v) / len(v) for k, v in by_bin.items()},
+        "mean_chosen": float(chosen.mean()) if len(items) else 0.0,
+        "mean_rejected": float(rejected.mean()) if len(items) else 0.0,
+    }
+    if unsafe_hits:
+        out["unsafe_recall"] = sum(unsafe_hits) / len(unsafe_hits)
+        out["unsafe_count"] = len(unsafe_hits)
+    out["_gaps"] = {lvl: [float(chosen[i] - rejected[i]) for i, it in enumerate(items)
+                          if (it["level"] or "unknown") == lvl] for lvl in by_level}
+    return out
+
+
+def plot_histograms(gaps: dict[str, list[float]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for lvl in [*LEVELS, "unknown"]:
+        if gaps.get(lvl):
+            ax.hist(gaps[lvl], bins=30, alpha=0.5, label=lvl.replace("_", " "))
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_xlabel("score(chosen) - score(rejected)")
+    ax.set_ylabel("pairs")
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_eval(metrics: dict[str, Any], out: Path, title: str) -> dict[str, Any]:
+    gaps = metrics.pop("_gaps")
+    plot_histograms(gaps, out / "score_gaps.png", title)
+    atomic_write_text(out / "eval.json", json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+# --------------------------------------------------------------------------------- train
+def train_reward_model(cfg: RewardConfig, eval_pairs: list | None = None) -> dict[str, Any]:
+    """Train one RM as configured, evaluate it on held-out pairs; returns the eval metrics."""
+    rng = random.Random(cfg.seed)
+    loaded = load_policy(cfg.model, cfg.train.device)
+    tok = loaded.tokenizer
+    max_len = cfg.max_len or loaded.args.max_seq_len
+    pairs = training_mix(cfg, rng)
+    rng.shuffle(pairs)
+    if eval_pairs is None:
+        if cfg.eval_data:
+            eval_pairs = read_pairs(cfg.eval_data)
+        else:
+            n_val = int(len(pairs) * cfg.val_fraction)
+            eval_pairs, pairs = pairs[:n_val], pairs[n_val:]
+    items = [encode_pair(tok, p, max_len) for p in pairs]
+    eval_items = [encode_pair(tok, p, max_len) for p in eval_pairs]
+    rm = from_policy(loaded.model)
+    train = cfg.train
+    # A global batch larger than the data would make one step of an epoch: cap it.
+    if train.global_batch > len(items):
+        per = train.micro_batch_size
+        train.global_batch = max(per, len(items) // per * per)
+    data = EpochSampler(items, make_collate(tok.pad_id, cfg.margin), seed=cfg.seed)
+    aux = cfg.aux_weight if cfg.aux_safety_loss else 0.0
+    out = Path(cfg.out)
+
+    def loss_fn(model, batch):
+        return ranking_loss(model, batch, aux)
+
+    def on_save(model, step):
+        save_reward_model(model, tok, out / "model", cfg.kind,
+                          extra={"step": step, "margin": cfg.margin, "aux": cfg.aux_safety_loss,
+                                 "pairs": len(items)})
+
+    Trainer(rm, loss_fn, data, train, out, config=cfg, on_save=on_save).fit()
+    metrics = evaluate_rm(rm, eval_items, tok.pad_id) if eval_items else {"n": 0, "_gaps": {}}
+    return write_eval(metrics, out, f"{cfg.kind} RM (margin {cfg.margin})")
+
+
+def main(argv: list[str]) -> None:
+    cfg: RewardConfig = parse_stage(RewardConfig, argv, "reward")
+    if cfg.evaluate:
+        from llama2.reward import load_reward_model
+
+        rm, tok, meta = load_reward_model(cfg.evaluate)
+        pairs = read_pairs(cfg.eval_data)
+        if not pairs:
+            raise ValueError("nothing to evaluate: set --eval-data FILE")
+        items = [encode_pair(tok, p, cfg.max_len or rm.args.max_seq_len) for p in pairs]
+        metrics = write_eval(evaluate_rm(rm, items, tok.pad_id), Path(cfg.out),
+                             f"{meta.get('kind')} RM")
+    else:
+        metrics = train_reward_model(cfg)
+    print(json.dumps(metrics, indent=2))
