@@ -46,6 +46,10 @@ class RewardModel(nn.Module):
         h_last = h[torch.arange(h.shape[0], device=h.device), last]
         return self.score_head(h_last).squeeze(-1).float()
 
+    def values(self, tokens: torch.Tensor) -> torch.Tensor:
+        """A score at every position [B, T]: the PPO value head reads the RM this way."""
+        return self.score_head(self.transformer.hidden(tokens)).squeeze(-1).float()
+
 
 def from_policy(policy: Transformer) -> RewardModel:
     """Initialize a reward model from a chat/SFT checkpoint (paper §3.2.2)."""
@@ -126,3 +130,51 @@ class Scorer:
 
     def __call__(self, dialogs: list[Dialog], responses: list[str]) -> torch.Tensor:
         return score(self.rm, self.tok, dialogs, responses)
+
+
+# ------------------------------------------------------------------ the two-RM reward (§6)
+SAFETY_THRESHOLD = 0.15  # paper §3.2.3: precision 0.89 / recall 0.55 on the safety test set
+
+
+def piecewise(rs: torch.Tensor, rh: torch.Tensor, is_safety: torch.Tensor,
+              threshold: float = SAFETY_THRESHOLD, safety_switch: bool = True) -> torch.Tensor:
+    """Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh, on probabilities (paper §3.2.3).
+
+    safety_switch=False drops the safety RM entirely (Rc = Rh): the ablation that shows what
+    the switch buys."""
+    if not safety_switch:
+        return rh
+    return torch.where(is_safety.bool() | (rs < threshold), rs, rh)
+
+
+def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Undo the sigmoid (paper: LOGIT), clamped away from 0 and 1."""
+    p = p.clamp(eps, 1 - eps)
+    return torch.log(p) - torch.log1p(-p)
+
+
+def whiten(x: torch.Tensor, eps: float = 1e-8, shift_mean: bool = True) -> torch.Tensor:
+    """Normalize to zero mean and unit variance over the batch (paper: WHITEN)."""
+    if x.numel() < 2:
+        return x - x.mean() if shift_mean else x
+    out = (x - x.mean()) / (x.std(unbiased=False) + eps)
+    return out if shift_mean else out + x.mean()
+
+
+class TwoRewardModels:
+    """The Helpfulness and Safety RMs behind one call: probabilities Rs, Rh and the piecewise Rc.
+
+    Rejection sampling ranks samples by Rc; PPO whitens LOGIT(Rc) (paper §3.2.3)."""
+
+    def __init__(self, helpful: str | os.PathLike, safety: str | os.PathLike,
+                 device: str | torch.device = "cpu", threshold: float = SAFETY_THRESHOLD,
+                 safety_switch: bool = True):
+        self.helpful, self.safety = Scorer(helpful, device), Scorer(safety, device)
+        self.threshold, self.safety_switch = threshold, safety_switch
+
+    def __call__(self, dialogs: list[Dialog], responses: list[str], is_safety: list[bool]
+                 ) -> dict[str, torch.Tensor]:
+        rh = torch.sigmoid(self.helpful(dialogs, responses))
+        rs = torch.sigmoid(self.safety(dialogs, responses))
+        rc = piecewise(rs, rh, torch.tensor(is_safety), self.threshold, self.safety_switch)
+        return {"rc": rc, "rs": rs, "rh": rh}

@@ -1,0 +1,178 @@
+"""Rejection sampling fine-tuning (recipe §5, paper §3.2.3).
+
+For each prompt, K samples from the current policy at a given temperature (one batched,
+KV-cached generate call), scored by the piecewise two-RM reward; the best becomes the new
+target and the policy is fine-tuned on it as in SFT. From RLHF-V4 on the paper kept the top
+samples of all earlier rounds (keep = "all"); before, only the latest round's (keep = "latest"),
+which forgot skills. Writes the max-vs-median reward over K (Figure 7) and the
+reward-vs-temperature sweep (Figure 8) as JSON and PNG.
+
+    llama2 rejection-sample --model M --helpful-rm H --safety-rm S --out DIR [--k 8]
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from llama2.engine import TrainConfig
+from llama2.reward import TwoRewardModels
+from llama2.stages.common import load_policy, parse_stage
+from llama2.stages.preferences import sample_responses
+from llama2.stages.sft import finetune, sft_train_defaults
+from llama2.utils import atomic_write_text, read_jsonl, write_jsonl
+
+
+@dataclass
+class RejectionSamplingConfig:
+    model: str = ""  # the current policy
+    helpful_rm: str = ""
+    safety_rm: str = ""
+    out: str = "runs/rejection_sampling"
+    prompts: list[str] = field(default_factory=lambda: ["world"])  # "world" or prompt files
+    world_seed: int = 0
+    round: int = 0  # RLHF round: picks a fresh slice of world prompts
+    n_prompts: int = 300
+    safety_share: float = 0.25  # share of safety prompts among the world prompts
+    k: int = 8  # samples per prompt
+    temperature: float = 1.0
+    max_new_tokens: int = 48
+    previous: list[str] = field(default_factory=list)  # best.jsonl files of earlier rounds
+    keep: str = "all"  # "all" earlier rounds' samples too, or "latest" only this round's
+    sweep_temperatures: list[float] = field(default_factory=lambda: [0.4, 0.7, 1.0, 1.3, 1.6])
+    sweep_prompts: int = 48
+    safety_switch: bool = True
+    seed: int = 0
+    seq_len: int = 256
+    train: TrainConfig = field(default_factory=sft_train_defaults)
+
+
+def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: float, offset: int):
+    """World prompts (a fresh slice per round) or Prompt records from JSONL files."""
+    from llama2.world import Prompt, World
+
+    prompts = []
+    for src in sources:
+        if src == "world":
+            world = World(world_seed)
+            n_safe = round(n * safety_share)
+            n_help = n - n_safe
+            prompts += world.helpful_prompts(n_help * (offset + 1), split="train")[n_help * offset:]
+            prompts += world.safety_prompts(n_safe * (offset + 1), split="train")[n_safe * offset:]
+        else:
+            for r in read_jsonl(src):
+                if "dialog" in r and "kind" in r:
+                    prompts.append(Prompt.from_dict(r))
+                else:  # a messages record ending with a user turn
+                    msgs = r.get("messages") or r.get("dialog")
+                    prompts.append(Prompt(id=f"file-{len(prompts)}", dialog=msgs,
+                                          kind="safety" if r.get("safety") else "helpful",
+                                          family="file"))
+    if not prompts:
+        raise ValueError("no prompts for rejection sampling")
+    return prompts
+
+
+def sample_and_score(loaded, rewards: TwoRewardModels, prompts, k: int, temperature: float,
+                     max_new_tokens: int, seed: int) -> tuple[list[list[str]], torch.Tensor]:
+    """K responses per prompt and their rewards Rc [n_prompts, K]."""
+    flat = [p for p in prompts for _ in range(k)]
+    texts = sample_responses(loaded, flat, [temperature] * len(flat), max_new_tokens, seed)
+    scores = rewards([p.dialog for p in flat], texts, [p.kind == "safety" for p in flat])["rc"]
+    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))], scores.view(len(prompts), k)
+
+
+def max_vs_median(rc: torch.Tensor) -> dict[str, list[float]]:
+    """Mean over prompts of the max and the median reward among the first k samples (Fig. 7)."""
+    ks = list(range(1, rc.shape[1] + 1))
+    mx = [float(rc[:, :k].max(1).values.mean()) for k in ks]
+    md = [float(rc[:, :k].median(1).values.mean()) for k in ks]
+    return {"k": ks, "max": mx, "median": md}
+
+
+def plot_curves(curves: dict, sweep: dict | None, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = 2 if sweep else 1
+    fig, axes = plt.subplots(1, n, figsize=(5 * n, 3.5))
+    axes = [axes] if n == 1 else axes
+    axes[0].plot(curves["k"], curves["max"], "o-", label="max")
+    axes[0].plot(curves["k"], curves["median"], "s-", label="median")
+    axes[0].fill_between(curves["k"], curves["median"], curves["max"], alpha=0.2)
+    axes[0].set(xlabel="samples per prompt K", ylabel="reward Rc", title="Max vs median (Fig. 7)")
+    axes[0].legend()
+    if sweep:
+        for k, vals in sweep["max_by_k"].items():
+            axes[1].plot(sweep["temperatures"], vals, "o-", label=f"max of {k}")
+        axes[1].set(xlabel="temperature", ylabel="reward Rc", title="Reward vs temperature (Fig. 8)")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def run(cfg: RejectionSamplingConfig) -> dict:
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    loaded = load_policy(cfg.model, cfg.train.device)
+    rewards = TwoRewardModels(cfg.helpful_rm, cfg.safety_rm, safety_switch=cfg.safety_switch)
+    prompts = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts, cfg.safety_share, cfg.round)
+    samples_path = out / "samples.jsonl"
+    if samples_path.is_file():  # resume: sampling is the expensive part
+        rows = read_jsonl(samples_path)
+        texts = [r["samples"] for r in rows]
+        rc = torch.tensor([r["rewards"] for r in rows])
+    else:
+        texts, rc = sample_and_score(loaded, rewards, prompts, cfg.k, cfg.temperature,
+                                     cfg.max_new_tokens, cfg.seed + 1000 * cfg.round)
+        write_jsonl(samples_path, [{"prompt": p.to_dict(), "samples": t, "rewards": r.tolist()}
+                                   for p, t, r in zip(prompts, texts, rc)])
+    best = rc.argmax(1)
+    best_dialogs = [p.with_answer(t[int(b)]) for p, t, b in zip(prompts, texts, best)]
+    write_jsonl(out / "best.jsonl", [{"messages": d} for d in best_dialogs])
+    curves = max_vs_median(rc)
+    sweep = None
+    if cfg.sweep_temperatures and cfg.sweep_prompts:
+        sub = prompts[: cfg.sweep_prompts]
+        sweep = {"temperatures": cfg.sweep_temperatures, "max_by_k": {}, "mean": []}
+        by_k: dict[int, list[float]] = {k: [] for k in sorted({1, max(1, cfg.k // 2), cfg.k})}
+        for i, t in enumerate(cfg.sweep_temperatures):
+            _, r = sample_and_score(loaded, rewards, sub, cfg.k, t, cfg.max_new_tokens,
+                                    cfg.seed + 17 * i)
+            for k in by_k:
+                by_k[k].append(float(r[:, :k].max(1).values.mean()))
+            sweep["mean"].append(float(r.mean()))
+        sweep["max_by_k"] = {str(k): v for k, v in by_k.items()}
+    plot_curves(curves, sweep, out / "curves.png")
+    # Training set: this round's best, plus the earlier rounds' (keep = "all").
+    train_dialogs = list(best_dialogs)
+    earlier = cfg.previous if cfg.keep == "all" else []
+    if cfg.keep not in ("all", "latest"):
+        raise ValueError(f"keep must be 'all' or 'latest', got {cfg.keep!r}")
+    for path in earlier:
+        train_dialogs += [r["messages"] for r in read_jsonl(path)]
+    summary = {"prompts": len(prompts), "k": cfg.k, "temperature": cfg.temperature,
+               "mean_reward": float(rc.mean()), "mean_best_reward": float(rc.max(1).values.mean()),
+               "median_reward": float(rc.median(1).values.mean()), "curves": curves,
+               "sweep": sweep, "train_dialogs": len(train_dialogs), "keep": cfg.keep,
+               "best_by_kind": {kind: statistics.fmean(float(rc[i].max()) for i, p in
+                                                       enumerate(prompts) if p.kind == kind)
+                                for kind in {p.kind for p in prompts}}}
+    atomic_write_text(out / "curves.json", json.dumps(summary, indent=2) + "\n")
+    finetune(loaded.model, loaded.tokenizer, train_dialogs, out / "train", cfg.train, cfg.seq_len,
+             config=cfg, extra={"stage": "rejection_sampling", "round": cfg.round})
+    return summary
+
+
+def main(argv: list[str]) -> None:
+    cfg: RejectionSamplingConfig = parse_stage(RejectionSamplingConfig, argv, "rejection-sample")
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("curves", "sweep")}, indent=2))
+    print(f"model written to {Path(cfg.out) / 'train' / 'model'}")
