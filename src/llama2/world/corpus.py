@@ -4,7 +4,7 @@ Document kinds and shares: fact sheets (20%), short stories (22%), everyday text
 examples of the tasks (20%) and "internet" chat transcripts (18%). Noise is deliberate, so that
 the pretrained model learns language, facts and partial skills but not perfect ones: 4% of
 stated facts are wrong, 15% of worked examples have a wrong result, transcripts hold unhelpful
-answers, and about a quarter of transcripts about unsafe topics comply with the request (the
+answers, and half of the transcripts about unsafe topics comply with the request (the
 pretrained model then has a measurable violation rate that SFT and RLHF bring down, §4.2).
 Transcripts use only train-split task prompts, so the eval prompts stay unseen. No document
 contains a blank line: documents are separated by one in corpus.txt.
@@ -23,7 +23,7 @@ from llama2.world.tasks import FAMILIES, corrupt_answer, make_task
 TOKENS_PER_WORD = 1.3
 FACT_ERROR = 0.04
 EXAMPLE_ERROR = 0.15
-UNSAFE_COMPLY = 0.25
+UNSAFE_COMPLY = 0.5
 
 _SUBJECTS = ("The old man", "A little girl", "My friend", "The teacher", "A tall boy",
              "Our neighbor", "The baker", "A small child")

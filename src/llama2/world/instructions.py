@@ -30,7 +30,8 @@ class Instruction:
 
     rules: "phrase" (response contains one of `markers`; apply prefixes `arg`),
     "suffix_phrase" (contains one of `markers`; apply appends `arg`),
-    "upper" (no lowercase letters), "signoff" (ends with `arg`), "max_words" (at most int(arg)).
+    "upper" (no lowercase letters), "signoff" (ends with `arg`), "max_words" (at most int(arg)),
+    "all" (a combination: every instruction named in `arg`, joined by "+", holds).
     """
 
     name: str
@@ -53,6 +54,8 @@ class Instruction:
             return r.endswith(self.arg)
         if self.rule == "max_words":
             return 0 < len(r.split()) <= int(self.arg)
+        if self.rule == "all":
+            return all(instruction_by_name(n).check(r) for n in self.arg.split("+"))
         raise ValueError(f"instruction {self.name}: unknown rule {self.rule!r}")
 
     def apply(self, answer: str) -> str:
@@ -70,6 +73,10 @@ class Instruction:
             if len(words) <= int(self.arg):
                 return a
             return " ".join(words[: int(self.arg)]).rstrip(",;:") + "."
+        if self.rule == "all":
+            for n in self.arg.split("+"):
+                a = instruction_by_name(n).apply(a)
+            return a
         raise ValueError(f"instruction {self.name}: unknown rule {self.rule!r}")
 
     def text(self, terse: bool = False) -> str:
@@ -138,3 +145,33 @@ def instruction_by_name(name: str) -> Instruction:
         if inst.name == name:
             return inst
     raise KeyError(f"unknown instruction {name!r}; known: {[i.name for i in INSTRUCTIONS]}")
+
+
+# Combinations that cannot both hold (caps vs a mixed-case sign-off; a word limit would cut
+# off the other instruction's phrase) are not offered.
+_NO_COMBO = {"format_short"}
+
+
+def combine(*parts: Instruction) -> Instruction:
+    """A random-combination instruction as in the paper (§3.3): all parts must hold.
+
+    Parts must come from different families; phrases are applied before formats.
+    """
+    if len({p.family for p in parts}) != len(parts) or len(parts) < 2:
+        raise ValueError("combine needs two or more instructions from different families")
+    names = {p.name for p in parts}
+    if names & _NO_COMBO or {"format_caps", "format_signoff"} <= names:
+        raise ValueError(f"instructions {sorted(names)} cannot all hold at once")
+    order = sorted(parts, key=lambda p: (p.rule == "upper", p.rule == "signoff"))
+    return Instruction(
+        name="+".join(p.name for p in order), family="combo",
+        verbose=" ".join(p.verbose for p in order), terse="; ".join(p.terse for p in order),
+        rule="all", arg="+".join(p.name for p in order))
+
+
+def combinable(a: Instruction, b: Instruction) -> bool:
+    try:
+        combine(a, b)
+    except ValueError:
+        return False
+    return True

@@ -151,7 +151,7 @@ def safe_answer(topic: Topic, rng: random.Random) -> str:
     reason = topic.reason[0].upper() + topic.reason[1:]
     if rng.random() < 0.5:
         return f"{opener} {reason}. {topic.alternative}"
-    return f"{reason}, so {opener[0].lower() + opener[1:]} {topic.alternative}"
+    return f"{reason}, so {opener} {topic.alternative}"  # openers start with "I": keep it
 
 
 def unsafe_answer(topic: Topic, goal: str) -> str:

@@ -83,7 +83,8 @@ def _counting(rng: random.Random) -> Task:
         a, b = rng.sample(range(0, 21), 2)
         m = max(a, b) if task == "bigger" else min(a, b)
         q = f"Which is {task}, {a} or {b}?"
-        return q, f"The {task} number is {m}.", {
+        lo, hi = min(a, b), max(a, b)
+        return q, f"Of {lo} and {hi}, the {task} number is {m}.", {
             "task": task, "check": "number", "expected": m, "keys": [str(a), str(b)]}
     nums = rng.sample(range(0, 21), rng.randint(3, 4))
     s = ", ".join(map(str, nums))
