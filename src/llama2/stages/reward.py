@@ -145,7 +145,7 @@ def ranking_loss(rm: RewardModel, batch: dict[str, torch.Tensor], aux_weight: fl
         if bool(known.any()):
             aux = F.binary_cross_entropy_with_logits(scores[known], batch["safe"][known])
             loss = loss + aux_weight * aux
-            metrics["aux_loss"] = float(aux)
+            metrics["aux_loss"] = float(aux.detach())
     return loss, metrics, n
 
 

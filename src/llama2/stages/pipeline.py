@@ -1,0 +1,248 @@
+"""The main job: from nothing to an aligned baby Llama 2-Chat and its evaluation report.
+
+    llama2 pipeline [--config FILE.toml] [--out runs/NAME] [--quick] [--section.key value ...]
+
+On the embedded default (the built-in world, no network, 2 CPU cores) it runs, in order:
+world data -> tokenizer -> pretraining -> SFT (helpfulness + safety demonstrations) ->
+iterative RLHF rounds (preferences, both reward models, rejection sampling, then PPO) plus
+the reward-model ablations -> Ghost Attention -> targeted safety context distillation ->
+safety data scaling -> red teaming -> evaluation of every model version -> report.
+Every stage writes into its own folder of the run directory; a finished stage is skipped, so
+a killed pipeline started again resumes at the stage (and, inside the training stages, the
+step) where it stopped. Any stage can also run alone with its own command.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from llama2 import config as config_mod
+from llama2.stages.common import stage_done
+from llama2.stages.pretrain import PretrainConfig
+from llama2.stages.reward import RewardConfig, train_reward_model
+from llama2.stages.rlhf import RLHFConfig
+from llama2.stages.sft import SFTConfig
+from llama2.utils import atomic_write_text
+
+
+@dataclass
+class WorldSection:
+    seed: int = 0
+    n_tokens: int = 2_000_000  # pretraining corpus size (approximate tokens)
+    tokenizer_vocab_size: int = 1024
+
+
+@dataclass
+class AblationSection:
+    """Reward-model ablations trained on the first preference batch (Tables 28, 29)."""
+
+    enabled: bool = True
+    margins: list[str] = field(default_factory=lambda: ["none", "small", "large"])
+
+
+@dataclass
+class EvalSection:
+    n_prompts: int = 200
+    max_new_tokens: int = 48
+    truthfulqa_limit: int = 100
+    suites: list[str] = field(default_factory=lambda: ["helpfulness", "safety"])
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/tiny"
+    seed: int = 0
+    world: WorldSection = field(default_factory=WorldSection)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rlhf: RLHFConfig = field(default_factory=RLHFConfig)
+    ablation: AblationSection = field(default_factory=AblationSection)
+    gatt: dict = field(default_factory=dict)  # llama2.stages.gatt config fields
+    distill: dict = field(default_factory=dict)  # llama2.stages.distill config fields
+    scaling: dict = field(default_factory=dict)  # llama2.stages.safety scaling fields
+    redteam: dict = field(default_factory=dict)
+    eval: EvalSection = field(default_factory=EvalSection)
+
+
+def packaged_config(name: str) -> dict:
+    text = resources.files("llama2").joinpath("configs", f"{name}.toml").read_text()
+    import tomllib
+
+    return tomllib.loads(text)
+
+
+def parse_args(argv: list[str]) -> PipelineConfig:
+    quick = "--quick" in argv
+    argv = [a for a in argv if a != "--quick"]
+    defaults = packaged_config("tiny")
+    if quick:
+        defaults = config_mod._merge(defaults, packaged_config("quick"))
+    return config_mod.parse(PipelineConfig, argv, defaults=defaults)
+
+
+class Progress:
+    """Names the stage, its number, the time spent and an ETA from the stages' usual shares."""
+
+    def __init__(self, stages: list[tuple[str, float]]):
+        self.stages, self.t0 = stages, time.perf_counter()
+        self.total = sum(w for _, w in stages)
+        self.done_weight = 0.0
+
+    def start(self, i: int) -> None:
+        name, _ = self.stages[i]
+        elapsed = time.perf_counter() - self.t0
+        eta = ""
+        if self.done_weight > 0:
+            left = elapsed * (self.total - self.done_weight) / self.done_weight
+            eta = f", ETA {left / 60:.1f} min"
+        print(f"\n=== [{i + 1}/{len(self.stages)}] {name} (elapsed {elapsed / 60:.1f} min{eta})",
+              file=sys.stderr, flush=True)
+
+    def finish(self, i: int, skipped: bool) -> None:
+        if not skipped:
+            self.done_weight += self.stages[i][1]
+        else:  # a skipped stage costs nothing: drop it from the estimate
+            self.total -= self.stages[i][1]
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.versions: dict[str, str] = {}  # model version -> checkpoint path
+
+    # -------------------------------------------------------------------- stages
+    def world(self) -> bool:
+        corpus = self.out / "world" / "corpus.txt"
+        if corpus.is_file():
+            return True
+        from llama2.world import World
+
+        w = World(self.cfg.world.seed)
+        text = "\n\n".join(d.replace("\n\n", "\n") for d in w.corpus(self.cfg.world.n_tokens))
+        atomic_write_text(corpus, text + "\n")
+        return False
+
+    def tokenizer(self) -> bool:
+        path = self.out / "tokenizer.model"
+        if path.is_file():
+            return True
+        from llama2.data.pretrain import iter_corpus
+        from llama2.tokenizer import train_tokenizer
+
+        train_tokenizer(iter_corpus([str(self.out / "world" / "corpus.txt")]), path,
+                        vocab_size=self.cfg.world.tokenizer_vocab_size)
+        return False
+
+    def pretrain(self) -> bool:
+        out = self.out / "pretrain"
+        self.versions["pretrain"] = str(out / "model")
+        if stage_done(out):
+            return True
+        from llama2.stages.pretrain import run
+
+        pc = copy.deepcopy(self.cfg.pretrain)
+        pc.run_dir = str(out)
+        pc.data.input = [str(self.out / "world" / "corpus.txt")]
+        pc.data.tokenizer = str(self.out / "tokenizer.model")
+        pc.train.resume = True
+        run(pc)
+        return False
+
+    def sft(self) -> bool:
+        out = self.out / "sft"
+        self.versions["sft"] = str(out / "model")
+        if stage_done(out):
+            return True
+        from llama2.stages.common import load_policy
+        from llama2.stages.sft import finetune, gather_dialogs
+
+        sc = copy.deepcopy(self.cfg.sft)
+        sc.model, sc.out, sc.world_seed = self.versions["pretrain"], str(out), self.cfg.world.seed
+        sc.train.resume = True
+        loaded = load_policy(sc.model, sc.train.device)
+        finetune(loaded.model, loaded.tokenizer, gather_dialogs(sc), sc.out, sc.train,
+                 sc.seq_len, sc.val_fraction, sc.learn, config=sc, extra={"stage": "sft"})
+        return False
+
+    def rlhf(self) -> bool:
+        from llama2.stages.rlhf import run
+
+        rc = copy.deepcopy(self.cfg.rlhf)
+        rc.sft, rc.base = self.versions["sft"], self.versions["pretrain"]
+        rc.out, rc.world_seed = str(self.out / "rlhf"), self.cfg.world.seed
+        done = (self.out / "rlhf" / "rounds.json").is_file() and \
+            len(json.loads((self.out / "rlhf" / "rounds.json").read_text())) >= rc.rounds
+        records = run(rc)
+        for r in records:
+            self.versions[f"rlhf_v{r['round']}"] = r["model"]
+        self.rounds = records
+        return done
+
+    def rm_ablation(self) -> bool:
+        """Margin (Table 28) and auxiliary safety loss (Table 29) ablations, trained and
+        evaluated on the same pairs in this run."""
+        if not self.cfg.ablation.enabled:
+            return True
+        out = self.out / "rm_ablation"
+        prefs = self.out / "rlhf" / "preferences"
+        helpful, safety = [str(prefs / "helpful_batch_0.jsonl")], [str(prefs / "safety_batch_0.jsonl")]
+        skipped = True
+        variants = [("helpfulness", f"margin_{m}", m, False) for m in self.cfg.ablation.margins]
+        variants += [("safety", "safety_no_aux", "small", False), ("safety", "safety_aux", "small", True)]
+        for kind, name, margin, aux in variants:
+            if (out / name / "eval.json").is_file():
+                continue
+            skipped = False
+            template = self.cfg.rlhf.helpful_rm if kind == "helpfulness" else self.cfg.rlhf.safety_rm
+            rc: RewardConfig = copy.deepcopy(template)
+            rc.model, rc.out, rc.margin, rc.aux_safety_loss = self.versions["sft"], str(out / name), \
+                margin, aux
+            rc.helpful_data, rc.safety_data = helpful, safety
+            rc.train.resume = True
+            train_reward_model(rc)
+        return skipped
+
+    # -------------------------------------------------------------------- driver
+    def stage_list(self) -> list[tuple[str, Callable[[], bool], float]]:
+        return [
+            ("world data", self.world, 0.5),
+            ("tokenizer", self.tokenizer, 0.5),
+            ("pretraining", self.pretrain, 25),
+            ("SFT", self.sft, 8),
+            ("RLHF rounds (preferences, reward models, rejection sampling, PPO)", self.rlhf, 35),
+            ("reward-model ablations", self.rm_ablation, 8),
+        ]
+
+    def run(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        config_mod.save(self.cfg, self.out / "pipeline_config.json")
+        stages = self.stage_list()
+        progress = Progress([(name, w) for name, _, w in stages])
+        times = {}
+        for i, (name, fn, _) in enumerate(stages):
+            progress.start(i)
+            t = time.perf_counter()
+            skipped = fn()
+            times[name] = round(time.perf_counter() - t, 1)
+            progress.finish(i, skipped)
+            if skipped:
+                print("    (already done: skipped)", file=sys.stderr)
+        atomic_write_text(self.out / "versions.json", json.dumps(self.versions, indent=2) + "\n")
+        atomic_write_text(self.out / "stage_times.json", json.dumps(times, indent=2) + "\n")
+
+
+def main(argv: list[str]) -> None:
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    cfg = parse_args(argv)
+    Pipeline(cfg).run()
+    print(f"done: run directory {cfg.out}")
