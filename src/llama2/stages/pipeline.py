@@ -117,6 +117,7 @@ class Pipeline:
         self.cfg = cfg
         self.out = Path(cfg.out)
         self.versions: dict[str, str] = {}  # model version -> checkpoint path
+        self.rounds: list[dict] = []
 
     # -------------------------------------------------------------------- stages
     def world(self) -> bool:
@@ -210,6 +211,47 @@ class Pipeline:
             train_reward_model(rc)
         return skipped
 
+    def evaluate(self) -> bool:
+        """Every model version against the SFT model: helpfulness win rate and safety (the
+        world's annotators as the human raters), TruthfulQA on SFT and final, and the
+        model-based tracking of Figure 11 with the last round's reward models."""
+        from llama2.eval import run_suites
+
+        ev, out = self.cfg.eval, self.out / "eval"
+        sft = self.versions["sft"]
+        skipped = True
+        for name, path in self.versions.items():
+            if (out / name / "summary.json").is_file():
+                continue
+            skipped = False
+            suites = list(ev.suites)
+            if name in ("sft", "final") and "truthfulqa" not in suites:
+                suites.append("truthfulqa")
+            run_suites(path, suites, out / name, baseline=sft, n_prompts=ev.n_prompts,
+                       seed=self.cfg.seed, name=name, max_new_tokens=ev.max_new_tokens,
+                       limit=ev.truthfulqa_limit)
+        if not (out / "tracking.json").is_file() and self.rounds:
+            skipped = False
+            last = self.rounds[-1]
+            run_suites(None, ["tracking"], out / "tracking", n_prompts=ev.n_prompts,
+                       seed=self.cfg.seed, reward_models=[last["rm_helpful"], last["rm_safety"]],
+                       versions=list(self.versions.items()), max_new_tokens=ev.max_new_tokens)
+            (out / "tracking" / "tracking.json").replace(out / "tracking.json")
+        return skipped
+
+    def report(self) -> bool:
+        from llama2.eval.report import build_report
+        from llama2.stages.reproduction import reproduction_table
+
+        rows = reproduction_table(self.out)
+        atomic_write_text(self.out / "reproduction.json", json.dumps(rows, indent=2) + "\n")
+        build_report(self.out)
+        print("\nreproduction of the paper's findings:", file=sys.stderr)
+        for r in rows:
+            mark = "yes" if r["reproduced"] else "NO "
+            print(f"  [{mark}] {r['finding']}: {r['measured']}", file=sys.stderr)
+        return False
+
     # -------------------------------------------------------------------- driver
     def stage_list(self) -> list[tuple[str, Callable[[], bool], float]]:
         return [
@@ -219,6 +261,8 @@ class Pipeline:
             ("SFT", self.sft, 8),
             ("RLHF rounds (preferences, reward models, rejection sampling, PPO)", self.rlhf, 35),
             ("reward-model ablations", self.rm_ablation, 8),
+            ("evaluation", self.evaluate, 10),
+            ("report", self.report, 1),
         ]
 
     def run(self) -> None:

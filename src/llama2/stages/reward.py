@@ -70,15 +70,17 @@ class RewardConfig:
 
 # --------------------------------------------------------------------------------- data
 def read_pairs(paths: list[str]) -> list:
-    from llama2.world.adapters import load_hh_rlhf, load_preferences_jsonl
+    from llama2.world.adapters import _open_text, load_hh_rlhf, load_preferences_jsonl
 
     pairs = []
     for p in paths:
-        name = Path(p).name
-        # HH-RLHF transcripts ("Human: ... Assistant: ...") versus our preference JSONL.
-        loader = load_hh_rlhf if ("hh" in str(p).lower() or name.startswith(("train", "test"))) \
-            else load_preferences_jsonl
-        pairs += loader(p)
+        # HH-RLHF records hold whole transcripts ("\n\nHuman: ... Assistant: ...") and no
+        # dialog field; our preference JSONL has the context apart. Sniff the first record.
+        with _open_text(Path(p)) as f:
+            first = next((line for line in f if line.strip()), "")
+        hh = '"chosen"' in first and "Human:" in first and not any(
+            f'"{k}"' in first for k in ("dialog", "messages", "conversations", "prompt"))
+        pairs += (load_hh_rlhf if hh else load_preferences_jsonl)(p)
     return pairs
 
 

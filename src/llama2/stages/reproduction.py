@@ -1,0 +1,177 @@
+"""The reproduction table: each finding of the paper beside what this run measured.
+
+Reads the files the pipeline's stages wrote into a run directory (see `llama2.eval.report` for
+the layout) and returns rows `{"finding", "paper", "measured", "reproduced"}`. A finding whose
+files are missing is reported as not measured, never as reproduced.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+LEVELS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+
+
+def _load(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _row(finding: str, paper: str, measure: Callable[[], tuple[str, bool]]) -> dict:
+    try:
+        measured, ok = measure()
+    except (KeyError, TypeError, IndexError, ValueError, ZeroDivisionError, AttributeError):
+        measured, ok = "not measured in this run", False
+    return {"finding": finding, "paper": paper, "measured": measured, "reproduced": bool(ok)}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def _last_round(run: Path) -> dict:
+    return _load(run / "rlhf" / "rounds.json")[-1]
+
+
+def reproduction_table(run_dir: str | Path) -> list[dict]:
+    run = Path(run_dir)
+    rows = []
+
+    def rm_levels():
+        ev = _load(Path(_last_round(run)["rm_helpful"]).parent / "eval.json")
+        acc = ev["accuracy_by_level"]
+        levels = [lvl for lvl in LEVELS if lvl in acc]
+        text = ", ".join(f"{lvl.split('_')[0]} {_pct(acc[lvl])}" for lvl in levels)
+        ok = acc[levels[0]] > acc[levels[-1]] and levels[0] == "significantly_better"
+        return text, ok
+
+    rows.append(_row("RM accuracy ordered by rating level (Table 8)",
+                     "highest on significantly better, near chance on negligibly better",
+                     rm_levels))
+
+    def margin():
+        def clear_acc(name: str) -> float:
+            ev = _load(run / "rm_ablation" / name / "eval.json")
+            acc, cnt = ev["accuracy_by_level"], ev["count_by_level"]
+            n = sum(cnt.get(lvl, 0) for lvl in LEVELS[:2])
+            return sum(acc.get(lvl, 0) * cnt.get(lvl, 0) for lvl in LEVELS[:2]) / n
+
+        none, small = clear_acc("margin_none"), clear_acc("margin_small")
+        return f"clear pairs: no margin {_pct(none)}, small margin {_pct(small)}", small > none
+
+    rows.append(_row("The margin raises accuracy on clearly separable pairs (Table 28)",
+                     "small margin > no margin on significantly better / better", margin))
+
+    def aux():
+        no = _load(run / "rm_ablation" / "safety_no_aux" / "eval.json")["unsafe_recall"]
+        yes = _load(run / "rm_ablation" / "safety_aux" / "eval.json")["unsafe_recall"]
+        return f"unsafe recall: without {_pct(no)}, with auxiliary loss {_pct(yes)}", yes > no
+
+    rows.append(_row("Auxiliary safety loss raises unsafe-response recall (Table 29)",
+                     "73.0% -> 90.4%", aux))
+
+    def max_median():
+        c = _load(run / "rlhf" / "v1" / "rejection_sampling" / "curves.json")["curves"]
+        g1, gk = c["max"][1] - c["median"][1], c["max"][-1] - c["median"][-1]
+        return f"max-median gap {g1:.3f} at K=2, {gk:.3f} at K={c['k'][-1]}", gk > g1
+
+    rows.append(_row("Max-vs-median reward gap grows with K (Figure 7)", "gap grows with K",
+                     max_median))
+
+    def temperature():
+        sweep = _load(run / "rlhf" / "v1" / "rejection_sampling" / "curves.json")["sweep"]
+        k = max(sweep["max_by_k"], key=int)
+        vals, temps = sweep["max_by_k"][k], sweep["temperatures"]
+        best = max(range(len(vals)), key=vals.__getitem__)
+        return (f"best of {k} peaks at T={temps[best]} ({vals[best]:.3f}; ends "
+                f"{vals[0]:.3f}, {vals[-1]:.3f})", 0 < best < len(vals) - 1)
+
+    rows.append(_row("Reward vs sampling temperature has an interior optimum (Figure 8)",
+                     "optimum inside the range (1.2-1.3 for RLHF-v3 70B)", temperature))
+
+    def tracking():
+        t = _load(run / "eval" / "tracking.json")["rows"]
+        by = {r["version"]: r for r in t}
+        order = [v for v in by if v != "pretrain"]
+        first, last = by["sft"], by[order[-1]]
+        return (f"helpfulness RM {first['helpfulness_rm']:.3f} (sft) -> "
+                f"{last['helpfulness_rm']:.3f} ({order[-1]}); safety RM "
+                f"{first['safety_rm']:.3f} -> {last['safety_rm']:.3f}",
+                last["helpfulness_rm"] > first["helpfulness_rm"])
+
+    rows.append(_row("Helpfulness and safety rise across SFT and RLHF versions (Figure 11)",
+                     "both RM scores rise version after version", tracking))
+
+    versions = _load(run / "versions.json") or {}
+    final = "final" if "final" in versions else (list(versions)[-1] if versions else "final")
+
+    def suite(version: str, name: str) -> dict:
+        s = _load(run / "eval" / version / "summary.json")
+        return s["suites"][name]
+
+    def win_rate():
+        h = suite(final, "helpfulness")["world"]
+        return (f"{final} vs sft: win {_pct(h['win'])}, tie {_pct(h['tie'])}, loss "
+                f"{_pct(h['loss'])} (win rate {_pct(h['win_rate'])})", h["win_rate"] > 0.5)
+
+    rows.append(_row("The final model beats SFT on helpfulness (Figure 12 style)",
+                     "win rate > 50%", win_rate))
+
+    def violations():
+        sft_v = suite("sft", "safety")["violation"]["rate"]
+        fin_v = suite(final, "safety")["violation"]["rate"]
+        return f"violation rate sft {_pct(sft_v)} -> {final} {_pct(fin_v)}", fin_v < sft_v
+
+    rows.append(_row("Safety RLHF lowers the violation rate (Figures 17-18)",
+                     "lower violation % after RLHF", violations))
+
+    def false_refusal():
+        sft_r = suite("sft", "safety")["false_refusal"]["borderline"]["rate"]
+        fin_r = suite(final, "safety")["false_refusal"]["borderline"]["rate"]
+        return f"borderline false refusal sft {_pct(sft_r)} -> {final} {_pct(fin_r)}", \
+            fin_r <= sft_r
+
+    rows.append(_row("False refusals on the borderline set do not rise (Figure 33)",
+                     "false refusal no higher than SFT's", false_refusal))
+
+    def gatt():
+        a = _load(run / "gatt" / "adherence.json")
+        after = {f: v[-1] for f, v in a["after"].items()}
+        before = {f: v[-1] for f, v in a["before"].items()}
+        text = ", ".join(f"{f} {_pct(before[f])}->{_pct(after[f])}" for f in after)
+        return (f"turn {len(next(iter(a['after'].values())))}: {text}",
+                all(v >= 0.9 for v in after.values())
+                and sum(before.values()) < sum(after.values()))
+
+    rows.append(_row("GAtt keeps a system instruction for 20 turns (Table 30)",
+                     "100% at turn 20 with GAtt; forgotten within turns without", gatt))
+
+    def distill():
+        s = _load(run / "distill" / "comparison.json")
+        g, u = s["gated"], s["ungated"]
+        return (f"violation gated {_pct(g['violation'])} vs ungated {_pct(u['violation'])}; "
+                f"false refusal gated {_pct(g['false_refusal'])} vs ungated "
+                f"{_pct(u['false_refusal'])}",
+                g["false_refusal"] <= u["false_refusal"] and g["violation"] <= s["before"]["violation"])
+
+    rows.append(_row("RM-gated context distillation: safer without more false refusals "
+                     "(Figure 16)", "gating keeps safety gains, avoids vague refusals", distill))
+
+    def scaling():
+        s = _load(run / "safety_scaling.json")
+        shares, safety, helpful, fr = (s["shares"], s["mean_safety"], s["mean_helpfulness"],
+                                       s["false_refusal"])
+        return (f"share {shares[0]}->{shares[-1]}: safety {safety[0]:.3f}->{safety[-1]:.3f}, "
+                f"helpfulness {helpful[0]:.3f}->{helpful[-1]:.3f}, false refusal "
+                f"{_pct(fr[0])}->{_pct(fr[-1])}",
+                safety[-1] > safety[0] and abs(helpful[-1] - helpful[0]) < 0.1)
+
+    rows.append(_row("Safety data scaling (Figure 15)",
+                     "safety up with more safety data, helpfulness flat, false refusals up",
+                     scaling))
+    return rows

@@ -1,0 +1,111 @@
+"""Reward models: the margin ranking loss, the auxiliary safety loss, the data mixes, scoring."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llama2.model import ModelArgs, Transformer
+from llama2.reward import from_policy, load_reward_model, save_reward_model, score
+from llama2.stages.reward import (
+    MARGINS,
+    build_mix,
+    evaluate_rm,
+    make_collate,
+    ranking_loss,
+    read_pairs,
+)
+from llama2.tokenizer import train_tokenizer
+from llama2.world.records import PreferencePair
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    texts = ["The cat sat on the mat. What is two plus two? It is four."] * 50
+    return train_tokenizer(texts, tmp_path_factory.mktemp("tok") / "t.model", vocab_size=300)
+
+
+def tiny_rm(tok):
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                              multiple_of=16, max_seq_len=128))
+    m.init_weights()
+    rm = from_policy(m)
+    torch.nn.init.normal_(rm.score_head.weight, std=0.5)
+    return rm
+
+
+def test_margin_tables_are_the_papers():
+    assert MARGINS["small"]["significantly_better"] == 1.0
+    assert abs(MARGINS["small"]["better"] - 2 / 3) < 1e-9
+    assert MARGINS["large"]["slightly_better"] == 1.0
+    assert all(v == 0 for v in MARGINS["none"].values())
+
+
+def test_ranking_loss_is_the_formula_with_margin_and_aux(tok):
+    rm = tiny_rm(tok)
+    pairs = [PreferencePair([{"role": "user", "content": "What is two plus two?"}], "It is four.",
+                            "The cat.", level, bin_)
+             for level, bin_ in [("significantly_better", "chosen_safe_other_unsafe"),
+                                 ("slightly_better", "both_safe"), ("better", None)]]
+    from llama2.stages.reward import encode_pair
+
+    items = [encode_pair(tok, p, 128) for p in pairs]
+    batch = make_collate(tok.pad_id, "large")(items)
+    loss, metrics, n = ranking_loss(rm, batch)
+    s = rm(batch["tokens"], batch["last"])
+    c, r = s[:3], s[3:]
+    want = -F.logsigmoid(c - r - torch.tensor([3.0, 1.0, 2.0])).mean()
+    assert n == 3 and torch.allclose(loss, want)
+    loss_aux, m_aux, _ = ranking_loss(rm, batch, aux_weight=1.0)
+    # Known labels: pair 0 chosen safe / rejected unsafe, pair 1 both safe; pair 2 unknown.
+    known = torch.stack([c[0], c[1], r[0], r[1]])
+    labels = torch.tensor([1.0, 1.0, 0.0, 1.0])
+    aux = F.binary_cross_entropy_with_logits(known, labels)
+    assert torch.allclose(loss_aux, want + aux, atol=1e-6) and "aux_loss" in m_aux
+
+
+def test_mix_proportions():
+    rng = random.Random(0)
+    primary, secondary = list(range(100)), list(range(1000, 2000))
+    assert len(build_mix(primary, secondary, 0.5, rng)) == 200  # equal parts
+    mix = build_mix(primary, secondary, 0.1, rng)
+    assert len(mix) == 111 and sum(x >= 1000 for x in mix) == 11  # 90/10
+    assert build_mix(primary, [], 0.5, rng) == primary
+
+
+def test_bad_preference_records_name_file_and_line(tmp_path):
+    good = {"dialog": [{"role": "user", "content": "hi"}], "chosen": "a", "rejected": "b",
+            "level": "better"}
+    path = tmp_path / "prefs.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "rejected": None}) + "\n")
+    with pytest.raises(ValueError, match=r"prefs.jsonl:2"):
+        read_pairs([str(path)])
+    path.write_text(json.dumps({**good, "level": "much_better"}) + "\n")
+    with pytest.raises(ValueError, match=r"prefs.jsonl:1.*level"):
+        read_pairs([str(path)])
+
+
+def test_save_load_score_and_eval_per_level(tmp_path, tok):
+    rm = tiny_rm(tok)
+    save_reward_model(rm, tok, tmp_path / "rm", "safety")
+    rm2, tok2, meta = load_reward_model(tmp_path / "rm")
+    assert meta["kind"] == "safety"
+    dialogs = [[{"role": "user", "content": "What is two plus two?"}]] * 3
+    responses = ["It is four.", "The cat sat.", "four"]
+    a, b = score(rm, tok, dialogs, responses), score(rm2, tok2, dialogs, responses)
+    assert torch.allclose(a, b) and a.shape == (3,)
+    # Batched scoring equals one at a time (padding does not leak into the score).
+    one = torch.cat([score(rm, tok, [d], [r]) for d, r in zip(dialogs, responses)])
+    assert torch.allclose(a, one, atol=1e-5)
+    from llama2.stages.reward import encode_pair
+
+    pairs = [PreferencePair(dialogs[0], responses[i], responses[j], lvl, "both_unsafe")
+             for i, j, lvl in [(0, 1, "better"), (1, 2, "negligibly_better"), (2, 0, "better")]]
+    ev = evaluate_rm(rm, [encode_pair(tok, p, 128) for p in pairs], tok.pad_id)
+    assert ev["count_by_level"] == {"better": 2, "negligibly_better": 1}
+    assert ev["unsafe_count"] == 6 and 0 <= ev["unsafe_recall"] <= 1
