@@ -104,3 +104,13 @@ def with_system(dialog: Dialog, system: str | None) -> Dialog:
         return dialog
     rest = dialog[1:] if dialog and dialog[0]["role"] == "system" else dialog
     return [{"role": "system", "content": system}] + list(rest)
+
+
+def encode_transcript(tok: Tokenizer, dialog: Dialog) -> list[int]:
+    """A pretrained model's prompt for the dialog: the plain "User: ...\\nAssistant:" transcript
+    its corpus uses (a base model knows no [INST] format; the paper prompts pretrained models
+    few-shot). The reply ends at the first newline."""
+    dialog = normalize(dialog)
+    lines = [f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content'].strip()}"
+             for m in dialog]
+    return tok.encode("\n".join(lines) + "\nAssistant:", bos=True)

@@ -169,6 +169,35 @@ def generate(
     return Generation(out_tokens, out_logprobs, finished)
 
 
+def fit_prompt(ids: list[int], room: int) -> list[int]:
+    """Cut a prompt from the left to `room` tokens, keeping BOS (the latest turns matter)."""
+    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
+
+
+def reply(loaded, dialogs: list, max_new_tokens: int = 48,
+          temperature: float | Sequence[float] = 0.0, seed: int | None = 0,
+          prompt_format: str = "chat", max_batch_tokens: int = 32768,
+          **kwargs) -> tuple[list[str], list[list[int]], Generation]:
+    """The next assistant turn of each dialog: texts, prompt ids and the raw Generation.
+
+    prompt_format "chat" is the Llama 2 chat format; "transcript" the plain User/Assistant
+    transcript a pretrained model knows (its reply ends at the first newline). Prompts longer
+    than the context keep their latest tokens."""
+    from llama2.chat import encode_prompt, encode_transcript
+
+    tok, ctx = loaded.tokenizer, loaded.args.max_seq_len
+    budget = max(1, min(max_new_tokens, ctx // 2))
+    encode = {"chat": encode_prompt, "transcript": encode_transcript}[prompt_format]
+    ids = [fit_prompt(encode(tok, d), ctx - budget) for d in dialogs]
+    gen = generate(loaded.model, ids, max_new_tokens=budget, temperature=temperature,
+                   eos_id=tok.eos_id, pad_id=tok.pad_id, seed=seed,
+                   max_batch_tokens=max_batch_tokens, **kwargs)
+    texts = [tok.decode(truncate_at_eos(t, tok.eos_id)) for t in gen.tokens]
+    if prompt_format == "transcript":
+        texts = [t.split("\n", 1)[0] for t in texts]
+    return [t.strip() for t in texts], ids, gen
+
+
 def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
     return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
 

@@ -38,7 +38,7 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast, fp32 master weights
     # Evaluation, logging, checkpoints (in steps; 0 disables the periodic one).
     eval_every: int = 0
-    eval_batches: int = 8
+    eval_batches: int = 8  # micro-batches per evaluation, over all processes (0: all)
     save_every: int = 0
     keep_checkpoints: int = 2
     log_every: int = 1

@@ -4,7 +4,8 @@ A data source is anything with `next_batch()`, `state_dict()` and `load_state_di
 ones here number the samples of the whole run 0, 1, 2, ... and give process `rank` of
 `world_size`, on its k-th call, samples k*W*B + rank*B ... + B-1 (B = micro-batch size).
 So one optimizer step sees the same global batch whether it runs in 1 process with G/B
-accumulation steps or in W processes with G/(W*B) each, and the position is one integer.
+accumulation steps or in W processes with G/(W*B) each, and the position is one integer
+(samples consumed), valid for any process count.
 
 `EpochSampler` (alias `ListBatches`) serves a list of pre-built examples (SFT dialogs,
 preference pairs, ...), reshuffled every epoch with a seeded generator, grouped by the
@@ -67,10 +68,17 @@ class IndexedStream:
         raise NotImplementedError
 
     def state_dict(self) -> dict:
-        return {"round": self.round}
+        # Samples consumed over all processes: meaningful for any process count.
+        b, _, w = self._layout()
+        return {"samples": self.round * b * w}
 
     def load_state_dict(self, state: dict) -> None:
-        self.round = int(state["round"])
+        b, _, w = self._layout()
+        samples = int(state["samples"])
+        if samples % (b * w):
+            raise ValueError(f"data position {samples} is not a multiple of micro_batch_size "
+                             f"{b} x {w} processes")
+        self.round = samples // (b * w)
 
 
 class EpochSampler(IndexedStream):

@@ -193,8 +193,11 @@ class Trainer:
             if self.eval_data is not None:
                 sums: dict[str, float] = {"loss": 0.0}
                 count = 0.0
+                # eval_batches counts micro-batches over all processes: the same windows
+                # are evaluated whatever the process count.
+                limit = math.ceil(self.cfg.eval_batches / self.info.world_size)
                 for i, batch in enumerate(self.eval_data()):
-                    if self.cfg.eval_batches and i >= self.cfg.eval_batches:
+                    if limit and i >= limit:
                         break
                     with self._autocast():
                         loss, metrics, n = self.loss_fn(self.model, to_device(batch,

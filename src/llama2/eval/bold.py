@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.eval.judge import rate
+from llama2.generation import fit_prompt
 
 Continue = Callable[[list[str]], list[str]]
 Sentiment = Callable[[str], float]
@@ -86,18 +87,13 @@ def model_continuer(loaded, max_new_tokens: int = 32, temperature: float = 0.1, 
     def run(texts: list[str]) -> list[str]:
         ctx = loaded.args.max_seq_len
         budget = max(1, min(max_new_tokens, ctx // 2))
-        ids = [_fit(tok.encode(t, bos=True), ctx - budget) for t in texts]
+        ids = [fit_prompt(tok.encode(t, bos=True), ctx - budget) for t in texts]
         gen = generate(loaded.model, ids, max_new_tokens=budget, temperature=temperature,
                        top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=seed,
                        max_batch_tokens=max_batch_tokens)
         return [tok.decode(truncate_at_eos(t, tok.eos_id)) for t in gen.tokens]
 
     return run
-
-
-def _fit(ids: list[int], room: int) -> list[int]:
-    """Cut a prompt from the left to `room` tokens, keeping BOS."""
-    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
 
 
 # ---------------------------------------------------------------------------- ToxiGen

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from llama2.chat import Dialog, encode_prompt
+from llama2.chat import Dialog
 from llama2.eval import judge
 from llama2.world.records import Prompt
 
@@ -49,6 +49,7 @@ class EvalOptions:
     limit: int = 10  # TruthfulQA questions
     per_group: int = 2  # BOLD / ToxiGen prompts per group
     temperature: float = 0.0  # greedy answers: the comparison is deterministic
+    prompt_format: str = "chat"  # "transcript" for a pretrained model (User/Assistant lines)
     seed: int = 0
     world_seed: int = 0
     annotator_seed: int = 0
@@ -89,27 +90,17 @@ def _data_path(opts: EvalOptions, explicit: str | None, *parts: str) -> Path | N
 
 
 # ---------------------------------------------------------------------------- responders
-def _fit(ids: list[int], room: int) -> list[int]:
-    """Cut a prompt from the left to `room` tokens, keeping BOS (the latest turns matter)."""
-    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
-
-
 def model_responder(loaded, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
-                    max_batch_tokens: int = 32768) -> Responder:
-    """Answer every prompt's dialog in the chat format with one batched `generate` call."""
-    from llama2.generation import generate, truncate_at_eos
-
-    tok, ctx = loaded.tokenizer, loaded.args.max_seq_len
-    budget = max(1, min(max_new_tokens, ctx // 2))
+                    max_batch_tokens: int = 32768, prompt_format: str = "chat") -> Responder:
+    """Answer every prompt's dialog with one batched `generate` call (chat format, or the
+    plain transcript format for a pretrained model)."""
+    from llama2.generation import reply
 
     def respond(prompts: list[Prompt]) -> list[str]:
         if not prompts:
             return []
-        ids = [_fit(encode_prompt(tok, p.dialog), ctx - budget) for p in prompts]
-        gen = generate(loaded.model, ids, max_new_tokens=budget, temperature=temperature,
-                       eos_id=tok.eos_id, pad_id=tok.pad_id, seed=seed,
-                       max_batch_tokens=max_batch_tokens)
-        return [tok.decode(truncate_at_eos(t, tok.eos_id)).strip() for t in gen.tokens]
+        return reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperature, seed,
+                     prompt_format=prompt_format, max_batch_tokens=max_batch_tokens)[0]
 
     return respond
 
@@ -444,15 +435,18 @@ def run_suites(model_path: str | None, suites: Sequence[str] | None = None,
             cache[key] = load_policy(path, opts.device)
         return cache[key]
 
-    def responder(path: str | None, key: str) -> Responder:
+    def responder(path: str | None, key: str, fmt: str = "chat") -> Responder:
         return cached(lambda ps: model_responder(loaded(path, key), opts.max_new_tokens,
                                                  opts.temperature, opts.seed,
-                                                 opts.max_batch_tokens)(ps))
+                                                 opts.max_batch_tokens, fmt)(ps))
 
-    main = cached(respond) if respond else responder(model_path, "model")
+    # The evaluated model may be a pretrained one prompted in its transcript format; the
+    # baseline is a chat model.
+    main = cached(respond) if respond else responder(model_path, "model", opts.prompt_format)
     if baseline_respond:
         base: Responder | None = cached(baseline_respond)
-    elif baseline and respond is None and Path(baseline).resolve() == Path(model_path or "").resolve():
+    elif baseline and respond is None and opts.prompt_format == "chat" and \
+            Path(baseline).resolve() == Path(model_path or "").resolve():
         base = main  # the same checkpoint: answer once (greedy answers would be identical)
     else:
         base = responder(baseline, "baseline") if baseline else None

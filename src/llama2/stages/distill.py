@@ -174,6 +174,8 @@ def training_dialogs(rows: list[dict[str, Any]], gated: bool) -> list:
 
 
 def run(cfg: DistillConfig) -> dict[str, Any]:
+    if cfg.gate and not cfg.safety_rm:
+        raise ValueError("the gate needs a Safety RM (set --safety_rm PATH, or --gate false)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_policy(cfg.model, cfg.train.device)

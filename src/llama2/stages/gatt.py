@@ -15,13 +15,15 @@ Project choices (the paper is silent; tested in tests/test_gatt.py):
   With `prefixes` (default) a sampled dialog of n turns gives n training dialogs, its first t
   turns for t = 1..n, each learning only its own last turn: every sampled turn is learned
   once, with the instruction only in the system message and every earlier turn masked.
-- Each turn draws `k` samples; the first one the instruction's checker accepts is kept
-  (rejection, as a tiny policy rarely obeys at first). Where none is accepted, `fallback`
-  decides: "apply" (default) keeps `instruction.apply(first sample)`, a synthesized obeying
-  answer (NOT in the paper, which trusted its RLHF model to follow the appended instruction;
-  the world's gold answer is the base where a garbled sample resists `apply`); "drop" ends
-  the dialog at the turn before. `require_check = false` keeps the first sample
-  unchecked (the paper's setting).
+- Each turn draws `k` samples; the first finished one (ended by EOS) that the instruction's
+  checker accepts is kept (rejection, as a tiny policy rarely obeys at first). Where none is
+  accepted, `fallback` decides: "apply" (default) keeps `instruction.apply(base)`, a
+  synthesized obeying answer (NOT in the paper, which trusted its RLHF model to follow the
+  appended instruction), where the base is (`fallback_base = "plain"`) the policy's own greedy
+  answer to the turn without the appended instruction (a small policy's answers derail when an
+  unfamiliar instruction trails the question; training on those taught garbage in a probe),
+  else the world's gold answer; "drop" ends the dialog at the turn before.
+  `require_check = false` keeps the first sample unchecked (the paper's setting).
 - Evaluation dialogs of 20 turns do not fit a tiny model's context: the prompt keeps the system
   message and drops the oldest (user, assistant) pairs until it fits (the system message then
   folds into the oldest kept user turn, the chat format of §2). The turn index still counts
@@ -183,11 +185,12 @@ def fit_context(tok, dialog: Dialog, limit: int) -> Dialog:
     return system + rest
 
 
-def respond(loaded, dialogs: list[Dialog], temperature: float | list[float], max_new_tokens: int,
-            seed: int = 0) -> list[str]:
-    """One answer per dialog (each ends with a user turn), batched and KV-cached."""
+def respond_full(loaded, dialogs: list[Dialog], temperature: float | list[float],
+                 max_new_tokens: int, seed: int = 0) -> tuple[list[str], list[bool]]:
+    """One answer per dialog (each ends with a user turn), batched and KV-cached, and whether
+    each ended with EOS (False: cut off at max_new_tokens)."""
     if not dialogs:
-        return []
+        return [], []
     tok = loaded.tokenizer
     ids = [encode_prompt(tok, d) for d in dialogs]
     room = loaded.args.max_seq_len - max(len(i) for i in ids)
@@ -196,7 +199,14 @@ def respond(loaded, dialogs: list[Dialog], temperature: float | list[float], max
     gen = generate(loaded.model, ids, max_new_tokens=min(max_new_tokens, room),
                    temperature=temperature, top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                    seed=seed, max_batch_tokens=64 * 512)
-    return [tok.decode(truncate_at_eos(t, tok.eos_id)).strip() for t in gen.tokens]
+    texts = [tok.decode(truncate_at_eos(t, tok.eos_id)).strip() for t in gen.tokens]
+    return texts, list(gen.finished)
+
+
+def respond(loaded, dialogs: list[Dialog], temperature: float | list[float], max_new_tokens: int,
+            seed: int = 0) -> list[str]:
+    """One answer per dialog (each ends with a user turn), batched and KV-cached."""
+    return respond_full(loaded, dialogs, temperature, max_new_tokens, seed)[0]
 
 
 # ---------------------------------------------------------------------------- user turns
@@ -256,7 +266,7 @@ class GAttConfig:
     instructions: str = "world"  # "world" or a JSON file (module docstring)
     dialogs: list[str] = field(default_factory=lambda: ["world"])  # "world" or .jsonl files
     world_seed: int = 0
-    n_dialogs: int = 600
+    n_dialogs: int = 1000
     min_turns: int = 1
     max_turns: int = 8
     combo_share: float = 0.25  # random combinations of two instructions (§3.3)
@@ -266,7 +276,10 @@ class GAttConfig:
     max_new_tokens: int = 40
     require_check: bool = True  # keep only samples the instruction's checker accepts
     prefixes: bool = True  # train on every prefix 1..n of a sampled dialog (each: last turn)
-    fallback: str = "apply"  # none accepted: "apply" (instruction.apply(sample)) or "drop"
+    fallback: str = "apply"  # none accepted: "apply" (instruction.apply(base)) or "drop"
+    # What "apply" starts from: "plain" (the policy's greedy answer without the appended
+    # instruction, then the gold answer), "gold" (the world's answer) or "sample".
+    fallback_base: str = "plain"
     seq_len: int = 512
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
@@ -275,18 +288,22 @@ class GAttConfig:
     # Evaluation (Table 30, Figure 10) of the model before and after GAtt.
     evaluate: bool = True
     eval_turns: int = 20
-    eval_dialogs: int = 2  # per instruction
+    eval_dialogs: int = 4  # per instruction (half verbose, half terse)
     eval_max_new_tokens: int = 32
+    # Tokens the evaluation window may hold (0: the model's context). Set it to the length the
+    # model was trained on (e.g. the pretraining seq_len) when that is below max_seq_len:
+    # positions never trained make a tiny model ramble at late turns.
+    eval_context: int = 0
 
 
 def _fits(loaded, prompt_ids: list[int], cfg: GAttConfig) -> bool:
     return len(prompt_ids) + cfg.max_new_tokens <= min(cfg.seq_len, loaded.args.max_seq_len)
 
 
-def _synthesize(plan: Plan, t: int, sample: str) -> str | None:
-    """The "apply" fallback: the sample made obeying, else the gold answer made obeying (a
-    garbled sample may resist, e.g. letters without a capital form); None if neither obeys."""
-    for base in (sample, plan.tasks[t].answer):
+def _synthesize(plan: Plan, bases: list[str]) -> str | None:
+    """The "apply" fallback: the first base answer that `apply` makes obeying (a garbled one may
+    resist, e.g. letters without a capital form); None if none does."""
+    for base in bases:
         if base and plan.instruction.check(fixed := plan.instruction.apply(base)):
             return fixed
     return None
@@ -318,17 +335,34 @@ def sample_gatt_dialogs(loaded, plans: list[Plan], cfg: GAttConfig) -> tuple[lis
         if not jobs:
             break
         flat = [d for _, d in jobs for _ in range(cfg.k)]
-        texts = respond(loaded, flat, cfg.temperature, cfg.max_new_tokens,
-                        seed=cfg.seed + 7919 * t)
+        texts, done = respond_full(loaded, flat, cfg.temperature, cfg.max_new_tokens,
+                                   seed=cfg.seed + 7919 * t)
+        plain: list[str] = [""] * len(jobs)
+        if cfg.require_check and cfg.fallback == "apply" and cfg.fallback_base == "plain":
+            # The policy's own greedy answer to the turn without the appended instruction:
+            # what `apply` turns into an obeying answer where no sample obeys.
+            bare = [[{**m, "content": plans[i].tasks[n // 2].user} if m["role"] == "user" else m
+                     for n, m in enumerate(d)] for i, d in jobs]
+            ptexts, pdone = respond_full(loaded, bare, 0.0, cfg.max_new_tokens)
+            plain = [x if ok else "" for x, ok in zip(ptexts, pdone)]
         for j, (i, _) in enumerate(jobs):
-            plan, samples = plans[i], texts[j * cfg.k:(j + 1) * cfg.k]
+            plan = plans[i]
+            # A sample cut off at max_new_tokens is an unfinished answer: never kept.
+            samples = [x if ok else "" for x, ok in
+                       zip(texts[j * cfg.k:(j + 1) * cfg.k], done[j * cfg.k:(j + 1) * cfg.k])]
             stats["turns"] += 1
-            ok = [s for s in samples if s and plan.instruction.check(s)]
+            ok = [x for x in samples if x and plan.instruction.check(x)]
+            gold = plan.tasks[t].answer
+            bases = {"plain": [plain[j], gold, samples[0]], "gold": [gold, samples[0]],
+                     "sample": [samples[0], gold]}.get(cfg.fallback_base)
+            if bases is None:
+                raise ValueError(f"fallback_base must be plain, gold or sample, got "
+                                 f"{cfg.fallback_base!r}")
             if ok or not cfg.require_check:
-                answers[i].append(ok[0] if ok else samples[0])
+                answers[i].append(ok[0] if ok else texts[j * cfg.k])
                 accepted[i].append(bool(ok))
                 stats["accepted"] += bool(ok)
-            elif cfg.fallback == "apply" and (fixed := _synthesize(plan, t, samples[0])):
+            elif cfg.fallback == "apply" and (fixed := _synthesize(plan, bases)):
                 answers[i].append(fixed)
                 accepted[i].append(False)
                 stats["fallback"] += 1
@@ -372,8 +406,8 @@ def eval_plans(instructions: list[Persistent], turns: int, n_dialogs: int,
 
 
 def adherence_detail(model: Any, instructions: list[Persistent] | None = None, turns: int = 20,
-                     n_dialogs: int = 2, world_seed: int = 0, max_new_tokens: int = 32,
-                     device: str = "auto") -> dict[str, Any]:
+                     n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
+                     device: str = "auto", context: int = 0) -> dict[str, Any]:
     """Greedy 20-turn dialogs with the instruction as system message; per turn whether the
     answer obeys. Returns {"family": {family: [share per turn]}, "instruction": {...},
     "transcripts": [first dialog per instruction]}."""
@@ -381,7 +415,7 @@ def adherence_detail(model: Any, instructions: list[Persistent] | None = None, t
     tok = loaded.tokenizer
     instructions = instructions or load_instructions("world")
     plans = eval_plans(instructions, turns, n_dialogs, world_seed)
-    limit = loaded.args.max_seq_len - max_new_tokens
+    limit = min(context or loaded.args.max_seq_len, loaded.args.max_seq_len) - max_new_tokens
     history: list[Dialog] = [[{"role": "system", "content": p.inst}] for p in plans]
     obeyed = torch.zeros(len(plans), turns)
     for t in range(turns):
@@ -407,12 +441,12 @@ def adherence_detail(model: Any, instructions: list[Persistent] | None = None, t
 
 
 def adherence(model: Any, instructions: list[Persistent] | None = None, turns: int = 20,
-              n_dialogs: int = 2, world_seed: int = 0, max_new_tokens: int = 32,
-              device: str = "auto") -> dict[str, list[float]]:
+              n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
+              device: str = "auto", context: int = 0) -> dict[str, list[float]]:
     """{family: [share of dialogs whose answer obeys the system instruction, turn 1..turns]}
     (the paper's Table 30). `model` is a checkpoint path or a loaded policy."""
     return adherence_detail(model, instructions, turns, n_dialogs, world_seed, max_new_tokens,
-                            device)["family"]
+                            device, context)["family"]
 
 
 def system_span(tok, dialog: Dialog) -> tuple[int, int]:
@@ -530,17 +564,17 @@ def plot_attention(att: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def evaluate(before: Any, after: Any, out: str | Path, instructions: list[Persistent] | None = None,
-             turns: int = 20, n_dialogs: int = 2, world_seed: int = 0, max_new_tokens: int = 32,
-             device: str = "auto") -> dict[str, Any]:
+             turns: int = 20, n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
+             device: str = "auto", context: int = 0) -> dict[str, Any]:
     """Adherence before/after GAtt and the attention on the system message, as JSON and PNG."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     instructions = instructions or load_instructions("world")
     models = {"before": _loaded(before, device), "after": _loaded(after, device)}
-    details = {k: adherence_detail(m, instructions, turns, n_dialogs, world_seed, max_new_tokens)
-               for k, m in models.items()}
+    details = {k: adherence_detail(m, instructions, turns, n_dialogs, world_seed, max_new_tokens,
+                                   context=context) for k, m in models.items()}
     data = {k: d["family"] for k, d in details.items()}
-    report = {**data, "turns": turns, "n_dialogs": n_dialogs,
+    report = {**data, "turns": turns, "n_dialogs": n_dialogs, "context": context,
               "by_instruction": {k: d["instruction"] for k, d in details.items()}}
     atomic_write_text(out / "adherence.json", json.dumps(report, indent=2) + "\n")
     write_jsonl(out / "adherence_transcripts.jsonl",
@@ -548,7 +582,8 @@ def evaluate(before: Any, after: Any, out: str | Path, instructions: list[Persis
                  for k, d in details.items() for n, t in d["transcripts"].items()])
     plot_adherence(data, out / "adherence.png")
     tok = models["after"].tokenizer
-    dialog = figure10_dialog(instructions[0], tok, models["after"].args.max_seq_len, world_seed)
+    ctx = min(context or models["after"].args.max_seq_len, models["after"].args.max_seq_len)
+    dialog = figure10_dialog(instructions[0], tok, ctx, world_seed)
     att = {k: attention_to_system(m, dialog) for k, m in models.items()}
     atomic_write_text(out / "attention.json",
                       json.dumps({**att, "dialog": dialog}, indent=1) + "\n")
@@ -577,7 +612,7 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         before = load_policy(cfg.model, cfg.train.device)
         summary["eval"] = evaluate(before, out / "model", out, pool if cfg.instructions != "world"
                                    else None, cfg.eval_turns, cfg.eval_dialogs, cfg.world_seed,
-                                   cfg.eval_max_new_tokens, cfg.train.device)
+                                   cfg.eval_max_new_tokens, cfg.train.device, cfg.eval_context)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -177,7 +177,7 @@ class Pipeline:
         from llama2.stages.rlhf import run
 
         rc = copy.deepcopy(self.cfg.rlhf)
-        rc.sft, rc.base = self.versions["sft"], self.versions["pretrain"]
+        rc.sft, rc.base = self.versions["sft"], self.versions["pretrain"] + "#transcript"
         rc.out, rc.world_seed = str(self.out / "rlhf"), self.cfg.world.seed
         done = (self.out / "rlhf" / "rounds.json").is_file() and \
             len(json.loads((self.out / "rlhf" / "rounds.json").read_text())) >= rc.rounds
@@ -227,9 +227,11 @@ class Pipeline:
             suites = list(ev.suites)
             if name in ("sft", "final") and "truthfulqa" not in suites:
                 suites.append("truthfulqa")
+            # A pretrained model is asked in its own transcript format (it knows no [INST]).
+            fmt = "transcript" if name == "pretrain" else "chat"
             run_suites(path, suites, out / name, baseline=sft, n_prompts=ev.n_prompts,
                        seed=self.cfg.seed, name=name, max_new_tokens=ev.max_new_tokens,
-                       limit=ev.truthfulqa_limit)
+                       limit=ev.truthfulqa_limit, prompt_format=fmt)
         if not (out / "tracking.json").is_file() and self.rounds:
             skipped = False
             last = self.rounds[-1]

@@ -18,8 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama2.chat import encode_prompt
-from llama2.generation import generate, truncate_at_eos
+from llama2.generation import reply
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
 
@@ -27,7 +26,8 @@ from llama2.utils import atomic_write_text
 @dataclass
 class PreferencesConfig:
     # Model variants to sample from (e.g. the newest policy and an earlier one); each response
-    # of a pair comes from a random (variant, temperature).
+    # of a pair comes from a random (variant, temperature). "PATH#transcript" prompts a
+    # pretrained model in its own User/Assistant transcript format.
     models: list[str] = field(default_factory=list)
     out: str = "runs/preferences"
     batch: int = -1  # batch number; -1: the next free one
@@ -47,15 +47,21 @@ def next_batch_index(out: Path) -> int:
 
 
 def sample_responses(loaded, prompts, temperatures: list[float], max_new_tokens: int,
-                     seed: int) -> list[str]:
+                     seed: int, prompt_format: str = "chat") -> list[str]:
     """One response per (prompt, temperature), batched through the shared generator."""
-    tok = loaded.tokenizer
-    ids = [encode_prompt(tok, p.dialog) for p in prompts]
-    room = loaded.args.max_seq_len - max(len(i) for i in ids)
-    gen = generate(loaded.model, ids, max_new_tokens=min(max_new_tokens, room),
-                   temperature=temperatures, top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
-                   seed=seed, max_batch_tokens=64 * 512)
-    return [tok.decode(truncate_at_eos(t, tok.eos_id)).strip() for t in gen.tokens]
+    texts, _, _ = reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperatures, seed,
+                        prompt_format=prompt_format)
+    return texts
+
+
+def parse_variant(spec: str) -> tuple[str, str]:
+    """"PATH" (chat format) or "PATH#transcript" (a pretrained model's own transcript format)."""
+    path, _, fmt = spec.partition("#")
+    fmt = fmt or "chat"
+    if fmt not in ("chat", "transcript"):
+        raise ValueError(f"model variant {spec!r}: unknown prompt format {fmt!r} "
+                         "(expected #chat or #transcript)")
+    return path, fmt
 
 
 def collect(cfg: PreferencesConfig) -> dict:
@@ -78,12 +84,14 @@ def collect(cfg: PreferencesConfig) -> dict:
         raise ValueError("need two model variants or temperatures to compare")
     picks = [rng.sample(variants, 2) for _ in prompts]
     responses: list[list[str]] = [["", ""] for _ in prompts]
-    for m, path in enumerate(cfg.models):
+    for m, spec in enumerate(cfg.models):
+        path, fmt = parse_variant(spec)
         loaded = load_policy(path, cfg.device)
         jobs = [(i, s, t) for i, pair in enumerate(picks) for s, (mm, t) in enumerate(pair)
                 if mm == m]
         texts = sample_responses(loaded, [prompts[i] for i, _, _ in jobs],
-                                 [t for _, _, t in jobs], cfg.max_new_tokens, cfg.seed + 7919 * k)
+                                 [t for _, _, t in jobs], cfg.max_new_tokens, cfg.seed + 7919 * k,
+                                 fmt)
         for (i, s, _), text in zip(jobs, texts):
             responses[i][s] = text
     pairs = {"helpful": [], "safety": []}

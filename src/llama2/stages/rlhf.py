@@ -29,7 +29,9 @@ from llama2.utils import atomic_write_text
 @dataclass
 class RLHFConfig:
     sft: str = ""  # the SFT model: RLHF-V0 policy, reward-model initialization, and pi_0
-    base: str = ""  # an earlier model variant for preference sampling (e.g. the pretrained one)
+    # An earlier model variant for preference sampling, e.g. "runs/x/pretrain/model#transcript"
+    # (a pretrained model prompted in its own User/Assistant transcript format).
+    base: str = ""
     out: str = "runs/rlhf"
     rounds: int = 3
     ppo_from: int = 2  # first round with PPO on top of rejection sampling
@@ -59,7 +61,9 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
     prefs_dir = out / "preferences"
     if not (prefs_dir / f"helpful_batch_{v - 1}.jsonl").is_file():
         pc = copy.deepcopy(cfg.preferences)
-        pc.models = [policy] + ([cfg.base] if v == 1 and cfg.base else [cfg.sft] if v > 1 else [])
+        # Two responses from different model variants and temperatures (§3.2.1): the newest
+        # policy, the SFT model after round 1, and the base model.
+        pc.models = [policy] + ([cfg.sft] if v > 1 else []) + ([cfg.base] if cfg.base else [])
         pc.out, pc.batch, pc.world_seed = str(prefs_dir), v - 1, cfg.world_seed
         collect(pc)
     helpful = [str(prefs_dir / f"helpful_batch_{k}.jsonl") for k in range(v)]
