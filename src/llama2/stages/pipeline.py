@@ -25,9 +25,12 @@ from pathlib import Path
 
 from llama2 import config as config_mod
 from llama2.stages.common import stage_done
+from llama2.stages.distill import DistillConfig
+from llama2.stages.gatt import GAttConfig
 from llama2.stages.pretrain import PretrainConfig
 from llama2.stages.reward import RewardConfig, train_reward_model
 from llama2.stages.rlhf import RLHFConfig
+from llama2.stages.safety import SafetyScalingConfig
 from llama2.stages.sft import SFTConfig
 from llama2.utils import atomic_write_text
 
@@ -48,6 +51,12 @@ class AblationSection:
 
 
 @dataclass
+class RedTeamSection:
+    enabled: bool = True
+    n_tries: int = 1000  # adversarial prompts per model version
+
+
+@dataclass
 class EvalSection:
     n_prompts: int = 200
     max_new_tokens: int = 48
@@ -64,10 +73,10 @@ class PipelineConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rlhf: RLHFConfig = field(default_factory=RLHFConfig)
     ablation: AblationSection = field(default_factory=AblationSection)
-    gatt: dict = field(default_factory=dict)  # llama2.stages.gatt config fields
-    distill: dict = field(default_factory=dict)  # llama2.stages.distill config fields
-    scaling: dict = field(default_factory=dict)  # llama2.stages.safety scaling fields
-    redteam: dict = field(default_factory=dict)
+    gatt: GAttConfig = field(default_factory=GAttConfig)
+    distill: DistillConfig = field(default_factory=lambda: DistillConfig(also_ungated=True))
+    scaling: SafetyScalingConfig = field(default_factory=SafetyScalingConfig)
+    redteam: RedTeamSection = field(default_factory=RedTeamSection)
     eval: EvalSection = field(default_factory=EvalSection)
 
 
@@ -185,6 +194,7 @@ class Pipeline:
         for r in records:
             self.versions[f"rlhf_v{r['round']}"] = r["model"]
         self.rounds = records
+        self.latest_rlhf = records[-1]["model"]
         return done
 
     def rm_ablation(self) -> bool:
@@ -195,6 +205,8 @@ class Pipeline:
         out = self.out / "rm_ablation"
         prefs = self.out / "rlhf" / "preferences"
         helpful, safety = [str(prefs / "helpful_batch_0.jsonl")], [str(prefs / "safety_batch_0.jsonl")]
+        held = {"helpfulness": [str(prefs / "eval_helpful_batch_0.jsonl")],
+                "safety": [str(prefs / "eval_safety_batch_0.jsonl")]}
         skipped = True
         variants = [("helpfulness", f"margin_{m}", m, False) for m in self.cfg.ablation.margins]
         variants += [("safety", "safety_no_aux", "small", False), ("safety", "safety_aux", "small", True)]
@@ -207,9 +219,62 @@ class Pipeline:
             rc.model, rc.out, rc.margin, rc.aux_safety_loss = self.versions["sft"], str(out / name), \
                 margin, aux
             rc.helpful_data, rc.safety_data = helpful, safety
+            rc.eval_data = [p for p in held[kind] if Path(p).is_file()]
             rc.train.resume = True
             train_reward_model(rc)
         return skipped
+
+    def gatt(self) -> bool:
+        out = self.out / "gatt"
+        self.versions["gatt"] = str(out / "model")
+        if stage_done(out) and (out / "adherence.json").is_file():
+            return True
+        from llama2.stages.gatt import run
+
+        gc = copy.deepcopy(self.cfg.gatt)
+        gc.model, gc.out, gc.world_seed = self.latest_rlhf, str(out), self.cfg.world.seed
+        gc.train.resume = True
+        run(gc)
+        return False
+
+    def distill(self) -> bool:
+        """Targeted context distillation on the GAtt model, gated by the last Safety RM; the
+        ungated variant is trained beside it for Figure 16."""
+        out = self.out / "distill"
+        self.versions["final"] = str(out / "model")
+        if (out / "summary.json").is_file():
+            return True
+        from llama2.stages.distill import run
+
+        dc = copy.deepcopy(self.cfg.distill)
+        dc.model, dc.out, dc.world_seed = self.versions["gatt"], str(out), self.cfg.world.seed
+        dc.safety_rm = self.rounds[-1]["rm_safety"]
+        dc.train.resume = True
+        run(dc)
+        return False
+
+    def safety_scaling(self) -> bool:
+        if (self.out / "safety_scaling.json").is_file():
+            return True
+        from llama2.stages.safety import safety_scaling
+
+        sc = copy.deepcopy(self.cfg.scaling)
+        sc.model, sc.out = self.versions["pretrain"], str(self.out)
+        sc.sft = copy.deepcopy(self.cfg.sft)
+        sc.sft.world_seed = self.cfg.world.seed
+        sc.sft.train.resume = True
+        safety_scaling(sc)
+        return False
+
+    def red_team(self) -> bool:
+        if not self.cfg.redteam.enabled or (self.out / "redteam.json").is_file():
+            return True
+        from llama2.stages.redteam import red_team
+
+        names = ["sft"] + [f"rlhf_v{r['round']}" for r in self.rounds] + ["final"]
+        red_team([(n, self.versions[n]) for n in names], self.out,
+                 n_tries=self.cfg.redteam.n_tries, seed=self.cfg.seed)
+        return False
 
     def evaluate(self) -> bool:
         """Every model version against the SFT model: helpfulness win rate and safety (the
@@ -263,6 +328,10 @@ class Pipeline:
             ("SFT", self.sft, 8),
             ("RLHF rounds (preferences, reward models, rejection sampling, PPO)", self.rlhf, 35),
             ("reward-model ablations", self.rm_ablation, 8),
+            ("Ghost Attention", self.gatt, 8),
+            ("context distillation (gated and ungated)", self.distill, 5),
+            ("safety data scaling", self.safety_scaling, 8),
+            ("red teaming", self.red_team, 3),
             ("evaluation", self.evaluate, 10),
             ("report", self.report, 1),
         ]

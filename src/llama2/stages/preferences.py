@@ -31,6 +31,7 @@ class PreferencesConfig:
     models: list[str] = field(default_factory=list)
     out: str = "runs/preferences"
     batch: int = -1  # batch number; -1: the next free one
+    split: str = "train"  # "eval": held-out comparisons (eval-split prompts) to evaluate RMs
     world_seed: int = 0
     annotator_seed: int = 0
     n_helpful: int = 600
@@ -41,8 +42,8 @@ class PreferencesConfig:
     device: str = "auto"
 
 
-def next_batch_index(out: Path) -> int:
-    done = [int(p.stem.rsplit("_", 1)[1]) for p in out.glob("helpful_batch_*.jsonl")]
+def next_batch_index(out: Path, prefix: str = "") -> int:
+    done = [int(p.stem.rsplit("_", 1)[1]) for p in out.glob(f"{prefix}helpful_batch_*.jsonl")]
     return max(done, default=-1) + 1
 
 
@@ -71,13 +72,14 @@ def collect(cfg: PreferencesConfig) -> dict:
     if not cfg.models:
         raise ValueError("no model to sample from (set --models PATH[,PATH...])")
     out = Path(cfg.out)
-    k = cfg.batch if cfg.batch >= 0 else next_batch_index(out)
+    prefix = "" if cfg.split == "train" else f"{cfg.split}_"
+    k = cfg.batch if cfg.batch >= 0 else next_batch_index(out, prefix)
     world, annotator = World(cfg.world_seed), Annotator(cfg.annotator_seed + k)
     # Fresh prompts for every batch: batch k takes the k-th slice of the world's prompt stream.
-    helpful = world.helpful_prompts(cfg.n_helpful * (k + 1), split="train")[cfg.n_helpful * k:]
-    safety = world.safety_prompts(cfg.n_safety * (k + 1), split="train")[cfg.n_safety * k:]
+    helpful = world.helpful_prompts(cfg.n_helpful * (k + 1), split=cfg.split)[cfg.n_helpful * k:]
+    safety = world.safety_prompts(cfg.n_safety * (k + 1), split=cfg.split)[cfg.n_safety * k:]
     prompts = helpful + safety
-    rng = random.Random(f"preferences:{cfg.seed}:{k}")
+    rng = random.Random(f"preferences:{cfg.seed}:{cfg.split}:{k}")
     # Each prompt gets two distinct (variant, temperature) draws.
     variants = [(m, t) for m in range(len(cfg.models)) for t in cfg.temperatures]
     if len(variants) < 2:
@@ -107,10 +109,10 @@ def collect(cfg: PreferencesConfig) -> dict:
         if comp.safety_bin:
             stats[f"bin:{comp.safety_bin}"] += 1
     for name, items in pairs.items():
-        write_preferences_jsonl(out / f"{name}_batch_{k}.jsonl", items)
+        write_preferences_jsonl(out / f"{prefix}{name}_batch_{k}.jsonl", items)
     summary = {"batch": k, "models": cfg.models, "helpful_pairs": len(pairs["helpful"]),
                "safety_pairs": len(pairs["safety"]), "counts": dict(sorted(stats.items()))}
-    atomic_write_text(out / f"stats_batch_{k}.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / f"{prefix}stats_batch_{k}.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -152,12 +152,14 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
                      "100% at turn 20 with GAtt; forgotten within turns without", gatt))
 
     def distill():
-        s = _load(run / "distill" / "comparison.json")
-        g, u = s["gated"], s["ungated"]
-        return (f"violation gated {_pct(g['violation'])} vs ungated {_pct(u['violation'])}; "
-                f"false refusal gated {_pct(g['false_refusal'])} vs ungated "
-                f"{_pct(u['false_refusal'])}",
-                g["false_refusal"] <= u["false_refusal"] and g["violation"] <= s["before"]["violation"])
+        ev = _load(run / "distill" / "summary.json")["eval"]
+        b, g, u = ev["before"], ev["gated"], ev["ungated"]
+        return (f"violation {_pct(b['violation_rate'])} before, gated "
+                f"{_pct(g['violation_rate'])}, ungated {_pct(u['violation_rate'])}; borderline "
+                f"false refusal {_pct(b['false_refusal'])} before, gated "
+                f"{_pct(g['false_refusal'])}, ungated {_pct(u['false_refusal'])}",
+                g["violation_rate"] <= b["violation_rate"]
+                and g["false_refusal"] <= u["false_refusal"])
 
     rows.append(_row("RM-gated context distillation: safer without more false refusals "
                      "(Figure 16)", "gating keeps safety gains, avoids vague refusals", distill))
@@ -166,12 +168,21 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
         s = _load(run / "safety_scaling.json")
         shares, safety, helpful, fr = (s["shares"], s["mean_safety"], s["mean_helpfulness"],
                                        s["false_refusal"])
-        return (f"share {shares[0]}->{shares[-1]}: safety {safety[0]:.3f}->{safety[-1]:.3f}, "
+        return (f"share {shares[0]:g}->{shares[-1]:g}: safety {safety[0]:.3f}->{safety[-1]:.3f}, "
                 f"helpfulness {helpful[0]:.3f}->{helpful[-1]:.3f}, false refusal "
                 f"{_pct(fr[0])}->{_pct(fr[-1])}",
-                safety[-1] > safety[0] and abs(helpful[-1] - helpful[0]) < 0.1)
+                safety[-1] > safety[0] and abs(helpful[-1] - helpful[0]) < 0.1
+                and fr[-1] >= fr[0])
 
     rows.append(_row("Safety data scaling (Figure 15)",
                      "safety up with more safety data, helpfulness flat, false refusals up",
                      scaling))
+    def redteam():
+        r = _load(run / "redteam.json")
+        names, per = r["versions"], r["violations_per_1000"]
+        return (f"violating prompts per 1000 tries: {names[0]} {per[0]:.0f} -> {names[-1]} "
+                f"{per[-1]:.0f}", per[-1] < per[0])
+
+    rows.append(_row("Red teaming finds fewer violations in later versions (§4.3)",
+                     "1.8 -> 0.45 violating prompts per person-hour over versions", redteam))
     return rows

@@ -36,6 +36,9 @@ class RLHFConfig:
     rounds: int = 3
     ppo_from: int = 2  # first round with PPO on top of rejection sampling
     world_seed: int = 0
+    # Held-out comparisons per batch, as a share of the batch's size (paper: 1000 per batch),
+    # sampled on eval-split prompts; the RMs are evaluated on them.
+    eval_share: float = 0.3
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     helpful_rm: RewardConfig = field(default_factory=lambda: RewardConfig(kind="helpfulness"))
     safety_rm: RewardConfig = field(default_factory=lambda: RewardConfig(
@@ -45,11 +48,12 @@ class RLHFConfig:
 
 
 def _train_rm(template: RewardConfig, sft: str, out: Path, helpful: list[str],
-              safety: list[str]) -> Path:
+              safety: list[str], heldout: list[str]) -> Path:
     if not stage_done(out):
         cfg = copy.deepcopy(template)
         cfg.model, cfg.out = sft, str(out)
         cfg.helpful_data, cfg.safety_data = list(helpful), list(safety)
+        cfg.eval_data = list(heldout) or cfg.eval_data
         cfg.train.resume = True
         train_reward_model(cfg)
     return out / "model"
@@ -59,17 +63,23 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
     """Round v (1-based) starting from `policy`; returns the round's record."""
     out = Path(cfg.out)
     prefs_dir = out / "preferences"
-    if not (prefs_dir / f"helpful_batch_{v - 1}.jsonl").is_file():
+    for split, prefix, n_scale in (("train", "", 1.0), ("eval", "eval_", cfg.eval_share)):
+        if n_scale <= 0 or (prefs_dir / f"{prefix}helpful_batch_{v - 1}.jsonl").is_file():
+            continue
         pc = copy.deepcopy(cfg.preferences)
         # Two responses from different model variants and temperatures (§3.2.1): the newest
-        # policy, the SFT model after round 1, and the base model.
+        # policy, the SFT model after round 1, and the base model. Each batch also gets
+        # held-out comparisons on eval-split prompts to evaluate the RMs.
         pc.models = [policy] + ([cfg.sft] if v > 1 else []) + ([cfg.base] if cfg.base else [])
-        pc.out, pc.batch, pc.world_seed = str(prefs_dir), v - 1, cfg.world_seed
+        pc.out, pc.batch, pc.world_seed, pc.split = str(prefs_dir), v - 1, cfg.world_seed, split
+        pc.n_helpful, pc.n_safety = round(pc.n_helpful * n_scale), round(pc.n_safety * n_scale)
         collect(pc)
     helpful = [str(prefs_dir / f"helpful_batch_{k}.jsonl") for k in range(v)]
     safety = [str(prefs_dir / f"safety_batch_{k}.jsonl") for k in range(v)]
-    rm_h = _train_rm(cfg.helpful_rm, cfg.sft, out / f"v{v}" / "rm_helpful", helpful, safety)
-    rm_s = _train_rm(cfg.safety_rm, cfg.sft, out / f"v{v}" / "rm_safety", helpful, safety)
+    held_h = [str(prefs_dir / f"eval_helpful_batch_{v - 1}.jsonl")] if cfg.eval_share > 0 else []
+    held_s = [str(prefs_dir / f"eval_safety_batch_{v - 1}.jsonl")] if cfg.eval_share > 0 else []
+    rm_h = _train_rm(cfg.helpful_rm, cfg.sft, out / f"v{v}" / "rm_helpful", helpful, safety, held_h)
+    rm_s = _train_rm(cfg.safety_rm, cfg.sft, out / f"v{v}" / "rm_safety", helpful, safety, held_s)
 
     rs_dir = out / f"v{v}" / "rejection_sampling"
     if not stage_done(rs_dir / "train"):
