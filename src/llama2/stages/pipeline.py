@@ -97,28 +97,32 @@ def parse_args(argv: list[str]) -> PipelineConfig:
 
 
 class Progress:
-    """Names the stage, its number, the time spent and an ETA from the stages' usual shares."""
+    """Names the stage, its number, the time spent and an ETA.
+
+    Each stage has an expected share of the run (minutes on the default config, 2 cores); the
+    ETA scales the remaining shares by how fast the finished ones went, once enough is done to
+    tell, and is the plain expectation before that."""
 
     def __init__(self, stages: list[tuple[str, float]]):
         self.stages, self.t0 = stages, time.perf_counter()
         self.total = sum(w for _, w in stages)
-        self.done_weight = 0.0
+        self.done_weight, self.done_time = 0.0, 0.0
 
     def start(self, i: int) -> None:
         name, _ = self.stages[i]
         elapsed = time.perf_counter() - self.t0
-        eta = ""
-        if self.done_weight > 0:
-            left = elapsed * (self.total - self.done_weight) / self.done_weight
-            eta = f", ETA {left / 60:.1f} min"
-        print(f"\n=== [{i + 1}/{len(self.stages)}] {name} (elapsed {elapsed / 60:.1f} min{eta})",
-              file=sys.stderr, flush=True)
+        left = self.total - self.done_weight
+        speed = self.done_time / self.done_weight if self.done_weight >= 0.2 * self.total else 60.0
+        print(f"\n=== [{i + 1}/{len(self.stages)}] {name} (elapsed {elapsed / 60:.1f} min, "
+              f"ETA {left * speed / 60:.1f} min)", file=sys.stderr, flush=True)
+        self._t = time.perf_counter()
 
     def finish(self, i: int, skipped: bool) -> None:
-        if not skipped:
-            self.done_weight += self.stages[i][1]
-        else:  # a skipped stage costs nothing: drop it from the estimate
+        if skipped:  # a skipped stage costs nothing: drop it from the estimate
             self.total -= self.stages[i][1]
+        else:
+            self.done_weight += self.stages[i][1]
+            self.done_time += time.perf_counter() - self._t
 
 
 class Pipeline:
@@ -322,18 +326,18 @@ class Pipeline:
     # -------------------------------------------------------------------- driver
     def stage_list(self) -> list[tuple[str, Callable[[], bool], float]]:
         return [
-            ("world data", self.world, 0.5),
-            ("tokenizer", self.tokenizer, 0.5),
-            ("pretraining", self.pretrain, 25),
-            ("SFT", self.sft, 8),
-            ("RLHF rounds (preferences, reward models, rejection sampling, PPO)", self.rlhf, 35),
-            ("reward-model ablations", self.rm_ablation, 8),
-            ("Ghost Attention", self.gatt, 8),
-            ("context distillation (gated and ungated)", self.distill, 5),
-            ("safety data scaling", self.safety_scaling, 8),
-            ("red teaming", self.red_team, 3),
-            ("evaluation", self.evaluate, 10),
-            ("report", self.report, 1),
+            ("world data", self.world, 0.1),
+            ("tokenizer", self.tokenizer, 0.1),
+            ("pretraining", self.pretrain, 5),
+            ("SFT", self.sft, 0.5),
+            ("RLHF rounds (preferences, reward models, rejection sampling, PPO)", self.rlhf, 5),
+            ("reward-model ablations", self.rm_ablation, 1.5),
+            ("Ghost Attention", self.gatt, 2),
+            ("context distillation (gated and ungated)", self.distill, 1.5),
+            ("safety data scaling", self.safety_scaling, 2),
+            ("red teaming", self.red_team, 0.5),
+            ("evaluation", self.evaluate, 2),
+            ("report", self.report, 0.2),
         ]
 
     def run(self) -> None:
