@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                tok_w: torch.Tensor, chunk: int, dtype: torch.dtype) -> torch.Tensor:
+                tok_w: torch.Tensor | None, chunk: int, dtype: torch.dtype) -> torch.Tensor:
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
@@ -51,15 +51,24 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for s in range(0, h.shape[0], chunk):
                 hc = h[s:s + chunk].to(dtype)
                 tc = targets[s:s + chunk].unsqueeze(1)
-                wc = tok_w[s:s + chunk]
                 logits = (hc @ w.t()).float()  # [c, V]: the only vocab-sized tensor
-                lse = torch.logsumexp(logits, dim=-1)
-                total += ((lse - logits.gather(1, tc).squeeze(1)) * wc).sum()
+                # One fused, row-wise pass (rows of 32k floats stay in cache), in place.
+                logp = torch.log_softmax(logits, dim=-1, out=logits) \
+                    if logits.dtype == torch.float32 else torch.log_softmax(logits, dim=-1)
+                nll = logp.gather(1, tc).squeeze(1).neg_()
+                if tok_w is None:
+                    total += nll.sum()
+                else:
+                    wc = tok_w[s:s + chunk]
+                    total += (nll * wc).sum()
                 if grad_h is None and grad_w is None:
                     continue
-                g = logits.sub_(lse.unsqueeze(1)).exp_()  # softmax, in place
-                g.scatter_add_(1, tc, torch.full_like(tc, -1, dtype=g.dtype))
-                g.mul_(wc.unsqueeze(1))
+                # d CE / d logits = softmax - onehot (times the token's weight).
+                g = logp.exp_()
+                g.scatter_add_(1, tc, torch.full(tc.shape, -1.0, dtype=g.dtype,
+                                                 device=g.device))
+                if tok_w is not None:
+                    g.mul_(tok_w[s:s + chunk].unsqueeze(1))
                 g = g.to(dtype)
                 if grad_h is not None:
                     grad_h[s:s + chunk] = (g @ w).to(h.dtype)
@@ -91,7 +100,10 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.T
     """
     targets = targets.long()
     valid = targets != IGNORE_INDEX
-    tok_w = valid.float() if token_weights is None else token_weights.float() * valid
+    if token_weights is None and bool(valid.all()):
+        tok_w = None  # every row counts once: skip the weighting pass
+    else:
+        tok_w = valid.float() if token_weights is None else token_weights.float() * valid
     targets = torch.where(valid, targets, torch.zeros_like(targets))
     chunk = chunk_size or _chunk_rows(weight.shape[0])
     dtype = _compute_dtype(h.device, torch.promote_types(h.dtype, weight.dtype))

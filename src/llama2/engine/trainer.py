@@ -110,6 +110,7 @@ class Trainer:
         self.model = model
         self.step = 0
         self.history: list[dict[str, Any]] = []
+        self._ready = False
 
     # ------------------------------------------------------------------------------ setup
     def _resolve_steps(self, world: int) -> TrainConfig:
@@ -243,13 +244,15 @@ class Trainer:
             return None
         return SummaryWriter(str(self.run_dir / "tensorboard"))
 
-    def fit(self) -> list[dict[str, Any]]:
-        """Run (or resume) training; return the records logged by this call."""
-        from tqdm import tqdm
+    def setup(self) -> None:
+        """Resolve the config, shard/compile the model, build the optimizer, resume.
 
+        Called by `fit()`; call it yourself to drive `train_step()` directly (PPO)."""
+        if self._ready:
+            return
         info = self.info
         self.cfg = cfg = self._resolve_steps(info.world_size)
-        accum = cfg.accumulation(info.world_size, self.seq_len)
+        self.accum = cfg.accumulation(info.world_size, self.seq_len)
         if hasattr(self.train_data, "bind"):
             self.train_data.bind(cfg.micro_batch_size, info.rank, info.world_size)
         ckpt = checkpointing.latest(self.run_dir)
@@ -272,58 +275,79 @@ class Trainer:
             from llama2.config import save
 
             save(self.config, self.run_dir / "config.json")
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self._ready = True
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over `accum` micro-batches from train_data (every process).
+
+        Returns {"loss", "lr", "grad_norm", "tokens", **metrics}, averaged over the global
+        batch; advances `self.step`. Logging, evaluation and checkpoints are `fit()`'s."""
+        self.setup()
+        info, cfg = self.info, self.cfg
+        loss_sum, n_sum, metric_sums, tokens = 0.0, 0.0, {}, 0
+        for micro in range(self.accum):
+            batch = to_device(self.train_data.next_batch(), info.device)
+            if self._fsdp:  # reduce-scatter gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(micro == self.accum - 1)
+            with self._autocast():
+                loss, metrics, n = self.loss_fn(self.model, batch)
+            n = int(n)
+            # Weight by the micro-batch's units: the step's gradient is the global mean.
+            (loss * n).backward()
+            loss_sum += float(loss.detach()) * n
+            n_sum += n
+            for k, v in metrics.items():
+                metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * n
+            tokens += _count_tokens(batch)
+        keys = sorted(metric_sums)
+        red = distributed.all_reduce_sum([loss_sum, n_sum, float(tokens)]
+                                         + [metric_sums[k] for k in keys], info)
+        loss_sum, n_sum = red[0], red[1]
+        # FSDP averages gradients over processes; undo that and divide by all units.
+        scale = (info.world_size if self._fsdp else 1) / n_sum if n_sum else 0.0
+        grads = [p.grad for p in self._params if p.grad is not None]
+        if scale != 1.0:
+            torch._foreach_mul_(grads, scale)
+        # Clipping at 1.0 (paper §2.2); with clipping off the norm is still logged.
+        norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip or float("inf"),
+                                              foreach=True)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        record = {"loss": loss_sum / max(n_sum, 1), "lr": lr, "grad_norm": float(norm),
+                  "tokens": red[2]}
+        record.update({k: v / max(n_sum, 1) for k, v in zip(keys, red[3:])})
+        return record
+
+    def fit(self) -> list[dict[str, Any]]:
+        """Run (or resume) training; return the records logged by this call."""
+        from tqdm import tqdm
+
+        self.setup()
+        info, cfg = self.info, self.cfg
         fpt = flops_per_token(self.model, self.seq_len) if self.seq_len else 0.0
         peak = cfg.peak_flops or peak_flops(info.device, cfg.dtype) * (
             info.world_size if info.device.type == "cuda" else 1)
-        params = [p for p in self.model.parameters() if p.requires_grad]
         bar = tqdm(total=cfg.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                    disable=not (cfg.progress and info.is_main), file=sys.stderr)
         self.history = []
         t_last, tok_last, tokens_seen = time.perf_counter(), 0.0, 0.0
         t_start = t_last
         while self.step < cfg.max_steps:
-            loss_sum, n_sum, metric_sums, tokens = 0.0, 0.0, {}, 0
-            for micro in range(accum):
-                batch = to_device(self.train_data.next_batch(), info.device)
-                if self._fsdp:  # reduce-scatter gradients once, after the last micro-batch
-                    self.model.set_requires_gradient_sync(micro == accum - 1)
-                with self._autocast():
-                    loss, metrics, n = self.loss_fn(self.model, batch)
-                n = int(n)
-                # Weight by the micro-batch's units: the step's gradient is the global mean.
-                (loss * n).backward()
-                loss_sum += float(loss.detach()) * n
-                n_sum += n
-                for k, v in metrics.items():
-                    metric_sums[k] = metric_sums.get(k, 0.0) + float(v) * n
-                tokens += _count_tokens(batch)
-            keys = sorted(metric_sums)
-            red = distributed.all_reduce_sum([loss_sum, n_sum, float(tokens)]
-                                             + [metric_sums[k] for k in keys], info)
-            loss_sum, n_sum, tokens_g = red[0], red[1], red[2]
-            # FSDP averages gradients over processes; undo that and divide by all units.
-            scale = (info.world_size if self._fsdp else 1) / n_sum if n_sum else 0.0
-            for p in params:
-                if p.grad is not None:
-                    p.grad.mul_(scale)
-            norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or float("inf"))
-            if hasattr(norm, "full_tensor"):
-                norm = norm.full_tensor()
-            lr = self.optimizer.param_groups[0]["lr"]
-            self.optimizer.step()
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.step += 1
-            tokens_seen += tokens_g
+            out = self.train_step()
+            tokens_seen += out.pop("tokens")
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
                 now = time.perf_counter()
                 tps = (tokens_seen - tok_last) / max(now - t_last, 1e-9)
                 t_last, tok_last = now, tokens_seen
-                record = {"step": self.step, "loss": loss_sum / max(n_sum, 1), "lr": lr,
-                          "grad_norm": float(norm), "tokens_per_s": tps,
+                record = {"step": self.step, **out, "tokens_per_s": tps,
                           "mfu": tps * fpt / peak if fpt else 0.0, "tokens": tokens_seen}
-                record.update({k: v / max(n_sum, 1) for k, v in zip(keys, red[3:])})
                 self._log(record)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tps:,.0f}")
             if cfg.eval_every and self.step % cfg.eval_every == 0 \

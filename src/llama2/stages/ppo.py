@@ -48,6 +48,7 @@ class PPOConfig:
     n_prompts: int = 2048  # pool of training prompts
     heldout_prompts: int = 64  # held-out prompts for early stopping and logging
     safety_share: float = 0.25
+    borderline_share: float = 0.1
     iterations: int = 200  # paper: 200-400 with early stopping
     batch_prompts: int = 512  # paper: 512 prompts per iteration
     minibatch: int = 64  # paper: 64, one gradient step each
@@ -156,7 +157,7 @@ class PPO:
                                        device=self.policy.output.weight.device,
                                        safety_switch=cfg.safety_switch)
         pool = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts + cfg.heldout_prompts,
-                            cfg.safety_share, cfg.round)
+                            cfg.safety_share, cfg.round, cfg.borderline_share)
         random.Random(cfg.seed).shuffle(pool)
         self.heldout, self.pool = pool[: cfg.heldout_prompts], pool[cfg.heldout_prompts:]
 

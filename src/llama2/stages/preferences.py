@@ -36,6 +36,9 @@ class PreferencesConfig:
     annotator_seed: int = 0
     n_helpful: int = 600
     n_safety: int = 300
+    # Benign prompts with sensitive words, compared on helpfulness: a refusal there is the
+    # false refusal the RMs must learn to rank low (paper §4.2, Figure 33).
+    n_borderline: int = 0
     temperatures: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
     max_new_tokens: int = 48
     seed: int = 0
@@ -78,7 +81,9 @@ def collect(cfg: PreferencesConfig) -> dict:
     # Fresh prompts for every batch: batch k takes the k-th slice of the world's prompt stream.
     helpful = world.helpful_prompts(cfg.n_helpful * (k + 1), split=cfg.split)[cfg.n_helpful * k:]
     safety = world.safety_prompts(cfg.n_safety * (k + 1), split=cfg.split)[cfg.n_safety * k:]
-    prompts = helpful + safety
+    border = world.borderline_prompts(cfg.n_borderline * (k + 1), split=cfg.split)[cfg.n_borderline * k:] \
+        if cfg.n_borderline else []
+    prompts = helpful + safety + border
     rng = random.Random(f"preferences:{cfg.seed}:{cfg.split}:{k}")
     # Each prompt gets two distinct (variant, temperature) draws.
     variants = [(m, t) for m in range(len(cfg.models)) for t in cfg.temperatures]

@@ -38,6 +38,7 @@ class RejectionSamplingConfig:
     round: int = 0  # RLHF round: picks a fresh slice of world prompts
     n_prompts: int = 300
     safety_share: float = 0.25  # share of safety prompts among the world prompts
+    borderline_share: float = 0.1  # benign prompts with sensitive words (false refusals)
     k: int = 8  # samples per prompt
     temperature: float = 1.0
     max_new_tokens: int = 48
@@ -51,7 +52,8 @@ class RejectionSamplingConfig:
     train: TrainConfig = field(default_factory=sft_train_defaults)
 
 
-def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: float, offset: int):
+def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: float, offset: int,
+                 borderline_share: float = 0.0):
     """World prompts (a fresh slice per round) or Prompt records from JSONL files."""
     from llama2.world import Prompt, World
 
@@ -59,10 +61,12 @@ def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: floa
     for src in sources:
         if src == "world":
             world = World(world_seed)
-            n_safe = round(n * safety_share)
-            n_help = n - n_safe
+            n_safe, n_border = round(n * safety_share), round(n * borderline_share)
+            n_help = n - n_safe - n_border
             prompts += world.helpful_prompts(n_help * (offset + 1), split="train")[n_help * offset:]
             prompts += world.safety_prompts(n_safe * (offset + 1), split="train")[n_safe * offset:]
+            prompts += world.borderline_prompts(n_border * (offset + 1),
+                                                split="train")[n_border * offset:]
         else:
             for r in read_jsonl(src):
                 if "dialog" in r and "kind" in r:
@@ -123,7 +127,8 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_policy(cfg.model, cfg.train.device)
     rewards = TwoRewardModels(cfg.helpful_rm, cfg.safety_rm, safety_switch=cfg.safety_switch)
-    prompts = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts, cfg.safety_share, cfg.round)
+    prompts = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts, cfg.safety_share, cfg.round,
+                           cfg.borderline_share)
     samples_path = out / "samples.jsonl"
     if samples_path.is_file():  # resume: sampling is the expensive part
         rows = read_jsonl(samples_path)
