@@ -17,7 +17,9 @@ API
   every save_every steps and at the end, exact `resume`, FSDP2 under torchrun, and at the
   end the native model in run_dir/model for a llama2 Transformer (`llama2.load` reads it).
   `loss_fn(model, batch) -> (loss, metrics: dict[str, float], n)`: loss is a mean over
-  n units; micro-batches are weighted by n.
+  n units; micro-batches are weighted by n. `setup()` + `train_step()` drive it one
+  optimizer step at a time (PPO: build a fresh data source per iteration, call
+  train_step per minibatch); `evaluate()`, `save_checkpoint()`, `full_model()`.
 - Data sources: `next_batch()`, `state_dict()`, `load_state_dict()` (+ optional `bind`).
   `EpochSampler` / `ListBatches(examples, collate, seed=...)`: seeded per-epoch shuffles
   over a list of examples, resumable, split over processes; `.eval_batches(limit)`.

@@ -47,20 +47,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_w else None
         w = weight.to(dtype)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
+        rows = min(chunk, h.shape[0])
+        # Reused buffers: no per-chunk allocation of the [chunk, V] block.
+        buf = torch.empty(rows, w.shape[0], dtype=dtype, device=h.device)
+        buf32 = buf if dtype == torch.float32 else torch.empty_like(buf, dtype=torch.float32)
         with torch.autocast(h.device.type, enabled=False):
             for s in range(0, h.shape[0], chunk):
                 hc = h[s:s + chunk].to(dtype)
+                c = hc.shape[0]
                 tc = targets[s:s + chunk].unsqueeze(1)
-                logits = (hc @ w.t()).float()  # [c, V]: the only vocab-sized tensor
+                logits = torch.mm(hc, w.t(), out=buf[:c])  # the only vocab-sized block
+                if logits.dtype != torch.float32:
+                    logits = buf32[:c].copy_(logits)  # softmax in fp32
                 # One fused, row-wise pass (rows of 32k floats stay in cache), in place.
-                logp = torch.log_softmax(logits, dim=-1, out=logits) \
-                    if logits.dtype == torch.float32 else torch.log_softmax(logits, dim=-1)
+                logp = torch.log_softmax(logits, dim=-1, out=logits)
                 nll = logp.gather(1, tc).squeeze(1).neg_()
-                if tok_w is None:
-                    total += nll.sum()
-                else:
-                    wc = tok_w[s:s + chunk]
-                    total += (nll * wc).sum()
+                total += nll.sum() if tok_w is None else (nll * tok_w[s:s + chunk]).sum()
                 if grad_h is None and grad_w is None:
                     continue
                 # d CE / d logits = softmax - onehot (times the token's weight).
@@ -69,9 +71,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
                                                  device=g.device))
                 if tok_w is not None:
                     g.mul_(tok_w[s:s + chunk].unsqueeze(1))
-                g = g.to(dtype)
+                if dtype != torch.float32:
+                    g = buf[:c].copy_(g)
                 if grad_h is not None:
-                    grad_h[s:s + chunk] = (g @ w).to(h.dtype)
+                    if grad_h.dtype == dtype:
+                        torch.mm(g, w, out=grad_h[s:s + chunk])
+                    else:
+                        grad_h[s:s + chunk] = g @ w
                 if grad_w is not None:
                     if dtype == torch.float32:
                         grad_w.addmm_(g.t(), hc)

@@ -278,6 +278,12 @@ class Trainer:
         self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._ready = True
 
+    def set_data(self, train_data: Any) -> None:
+        """Swap the training data source (e.g. PPO's fresh rollouts each iteration)."""
+        self.train_data = train_data
+        if self._ready and hasattr(train_data, "bind"):
+            train_data.bind(self.cfg.micro_batch_size, self.info.rank, self.info.world_size)
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `accum` micro-batches from train_data (every process).
 
