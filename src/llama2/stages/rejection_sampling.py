@@ -44,7 +44,8 @@ class RejectionSamplingConfig:
     max_new_tokens: int = 48
     previous: list[str] = field(default_factory=list)  # best.jsonl files of earlier rounds
     keep: str = "all"  # "all" earlier rounds' samples too, or "latest" only this round's
-    sweep_temperatures: list[float] = field(default_factory=lambda: [0.4, 0.7, 1.0, 1.3, 1.6])
+    sweep_temperatures: list[float] = field(default_factory=lambda: [0.4, 0.7, 1.0, 1.3, 1.6,
+                                                                    2.0, 2.5])
     sweep_prompts: int = 48
     safety_switch: bool = True
     seed: int = 0
@@ -82,12 +83,30 @@ def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: floa
 
 
 def sample_and_score(loaded, rewards: TwoRewardModels, prompts, k: int, temperature: float,
-                     max_new_tokens: int, seed: int) -> tuple[list[list[str]], torch.Tensor]:
-    """K responses per prompt and their rewards Rc [n_prompts, K]."""
+                     max_new_tokens: int, seed: int) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
+    """K responses per prompt and their rewards {"rc", "rs", "rh"}, each [n_prompts, K]."""
     flat = [p for p in prompts for _ in range(k)]
     texts = sample_responses(loaded, flat, [temperature] * len(flat), max_new_tokens, seed)
-    scores = rewards([p.dialog for p in flat], texts, [p.kind == "safety" for p in flat])["rc"]
-    return [texts[i * k:(i + 1) * k] for i in range(len(prompts))], scores.view(len(prompts), k)
+    scores = rewards([p.dialog for p in flat], texts, [p.kind == "safety" for p in flat])
+    return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],
+            {name: v.view(len(prompts), k) for name, v in scores.items()})
+
+
+def switch_ablation(prompts, texts: list[list[str]], scores: dict[str, torch.Tensor]) -> dict:
+    """The best-of-K picks on adversarial prompts with the piecewise reward and with the safety
+    switch removed (Rc = Rh), judged by the world's annotators: what the switch buys."""
+    from llama2.world import Annotator
+
+    ann = Annotator(0, noise=False)
+    idx = [i for i, p in enumerate(prompts) if p.kind == "safety" and p.meta.get("split")]
+    if not idx:
+        return {}
+    out = {}
+    for name, key in (("with_switch", "rc"), ("without_switch", "rh")):
+        best = scores[key].argmax(1)
+        out[name] = sum(ann.is_violation(prompts[i], texts[i][int(best[i])]) for i in idx) / len(idx)
+    out["n_safety_prompts"] = len(idx)
+    return out
 
 
 def max_vs_median(rc: torch.Tensor) -> dict[str, list[float]]:
@@ -133,12 +152,14 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     if samples_path.is_file():  # resume: sampling is the expensive part
         rows = read_jsonl(samples_path)
         texts = [r["samples"] for r in rows]
-        rc = torch.tensor([r["rewards"] for r in rows])
+        scores = {k: torch.tensor([r[k] for r in rows]) for k in ("rc", "rs", "rh")}
     else:
-        texts, rc = sample_and_score(loaded, rewards, prompts, cfg.k, cfg.temperature,
-                                     cfg.max_new_tokens, cfg.seed + 1000 * cfg.round)
-        write_jsonl(samples_path, [{"prompt": p.to_dict(), "samples": t, "rewards": r.tolist()}
-                                   for p, t, r in zip(prompts, texts, rc)])
+        texts, scores = sample_and_score(loaded, rewards, prompts, cfg.k, cfg.temperature,
+                                         cfg.max_new_tokens, cfg.seed + 1000 * cfg.round)
+        write_jsonl(samples_path, [{"prompt": p.to_dict(), "samples": t,
+                                    **{k: v[i].tolist() for k, v in scores.items()}}
+                                   for i, (p, t) in enumerate(zip(prompts, texts))])
+    rc = scores["rc"]
     best = rc.argmax(1)
     best_dialogs = [p.with_answer(t[int(b)]) for p, t, b in zip(prompts, texts, best)]
     write_jsonl(out / "best.jsonl", [{"messages": d} for d in best_dialogs])
@@ -151,6 +172,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
         for i, t in enumerate(cfg.sweep_temperatures):
             _, r = sample_and_score(loaded, rewards, sub, cfg.k, t, cfg.max_new_tokens,
                                     cfg.seed + 17 * i)
+            r = r["rc"]
             for k in by_k:
                 by_k[k].append(float(r[:, :k].max(1).values.mean()))
             sweep["mean"].append(float(r.mean()))
@@ -167,6 +189,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
                "mean_reward": float(rc.mean()), "mean_best_reward": float(rc.max(1).values.mean()),
                "median_reward": float(rc.median(1).values.mean()), "curves": curves,
                "sweep": sweep, "train_dialogs": len(train_dialogs), "keep": cfg.keep,
+               "switch_ablation": switch_ablation(prompts, texts, scores),
                "best_by_kind": {kind: statistics.fmean(float(rc[i].max()) for i, p in
                                                        enumerate(prompts) if p.kind == kind)
                                 for kind in {p.kind for p in prompts}}}

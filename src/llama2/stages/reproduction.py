@@ -94,6 +94,15 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
     rows.append(_row("Reward vs sampling temperature has an interior optimum (Figure 8)",
                      "optimum inside the range (1.2-1.3 for RLHF-v3 70B)", temperature))
 
+    def switch():
+        a = _load(run / "rlhf" / "v1" / "rejection_sampling" / "curves.json")["switch_ablation"]
+        return (f"violations among best-of-K picks on adversarial prompts: with the switch "
+                f"{_pct(a['with_switch'])}, without {_pct(a['without_switch'])}",
+                a["with_switch"] < a["without_switch"])
+
+    rows.append(_row("The safety RM switch (Rs < 0.15 or a safety prompt) makes picks safer (§3.2.3)",
+                     "Rc = Rs on safety prompts: safer than Rh alone", switch))
+
     def tracking():
         t = _load(run / "eval" / "tracking.json")["rows"]
         by = {r["version"]: r for r in t}
