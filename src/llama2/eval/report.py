@@ -244,7 +244,7 @@ def sec_reproduction(run: Path, plots: Path) -> Section | None:
         return None
     table = Table(["finding", "paper", "measured", "reproduced"],
                   [[r.get("finding", ""), num(r.get("paper")), num(r.get("measured")),
-                    "✅ yes" if r.get("reproduced") else "❌ no"] for r in rows if isinstance(r, dict)])
+                    "yes" if r.get("reproduced") else "no"] for r in rows if isinstance(r, dict)])
     n_ok = sum(bool(r.get("reproduced")) for r in rows if isinstance(r, dict))
     return Section("Reproduction of the paper's findings",
                    f"{n_ok} of {len(table.rows)} findings reproduced.", tables=[table])
