@@ -39,6 +39,12 @@ def _rss_mb() -> float:
 
 
 def _maxrss_mb() -> float:
+    # VmHWM belongs to this process image; ru_maxrss would carry over the parent's
+    # high-water mark through fork + exec.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

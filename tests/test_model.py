@@ -181,3 +181,18 @@ def test_document_mask_blocks_attention_across_documents():
         out = model(packed, mask=document_mask(doc), positions=positions)
         assert (out[:, 7:] - model(b)).abs().max() < 1e-5
         assert (out[:, :7] - model(a)).abs().max() < 1e-5
+
+
+def test_sampler_follows_the_distribution_and_top_k():
+    from llama2.generation import sample_next
+
+    n = 20000
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(n, 1)
+    ones, g = torch.ones(n, 1), torch.Generator().manual_seed(0)
+    no_k = torch.zeros(n, 1, dtype=torch.long)
+    freq = torch.bincount(sample_next(logits, ones, ones, no_k, g), minlength=4) / n
+    assert (freq - logits[0].softmax(-1)).abs().max() < 0.02
+    top2 = sample_next(logits, ones, ones, torch.full((n, 1), 2), g)
+    assert set(top2.tolist()) == {0, 1}
+    greedy = sample_next(logits, torch.zeros(n, 1), ones, no_k, g)
+    assert bool((greedy == 0).all())

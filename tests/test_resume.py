@@ -91,6 +91,8 @@ def test_sigkill_then_resume_equals_uninterrupted(dataset: Path, tmp_path: Path)
     assert ckpts and all(torch.load(p, weights_only=False)["step"] % SAVE_EVERY == 0
                          for p in ckpts)
     assert not (crashed / "model").exists()
+    with open(crashed / "metrics.jsonl", "a") as f:  # as if killed in the middle of a line
+        f.write('{"step": 99, "lo')
 
     again = subprocess.run(_command(dataset, crashed, "--resume"), env=_env(), timeout=300,
                            capture_output=True, text=True)

@@ -181,8 +181,13 @@ class Trainer:
     def _truncate_metrics(self, step: int) -> None:
         path = self.run_dir / "metrics.jsonl"
         if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            keep = []
+            for ln in path.read_text().splitlines():
+                try:
+                    if json.loads(ln).get("step", 0) <= step:
+                        keep.append(ln)
+                except json.JSONDecodeError:  # a line cut short by the crash
+                    continue
             atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------------------- eval
@@ -408,12 +413,24 @@ class Trainer:
         opt_bytes = distributed.local_bytes(opt_tensors)
         per_rank = distributed.all_gather_object(
             {"param_bytes": param_bytes, "optimizer_bytes": opt_bytes,
-             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}, self.info)
+             "peak_rss_mb": _peak_rss_mb()}, self.info)
         if self.info.is_main:
             last = {k: v for r in self.history for k, v in r.items()}
             summary = {"step": self.step, "world_size": self.info.world_size,
                        "elapsed_s": elapsed, "last": last, "per_rank": per_rank}
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident memory (VmHWM: not inherited through fork + exec)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _count_tokens(batch: Any) -> int:

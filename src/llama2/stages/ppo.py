@@ -177,16 +177,20 @@ class PPO:
                        temperature=temperature, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
                        seed=seed)
         texts = [self.tok.decode(truncate_at_eos(t, self.tok.eos_id)).strip() for t in gen.tokens]
-        return ids, gen.tokens, texts
+        return ids, gen.tokens, texts, gen.logprobs
 
     @torch.no_grad()
     def collect(self, prompts) -> dict:
         cfg = self.cfg
         self.policy.eval()
-        ids, responses, texts = self.respond(prompts, cfg.temperature,
-                                             seed=cfg.seed * 100_003 + self.iteration)
+        ids, responses, texts, gen_logp = self.respond(prompts, cfg.temperature,
+                                                       seed=cfg.seed * 100_003 + self.iteration)
         ro = build_rollout(ids, responses, self.tok.pad_id)
-        old_logp = response_logprobs(self.policy, ro)
+        # The generator's log-probabilities are the policy's own (temperature 1, no top-p), so
+        # no second forward pass is needed for the old policy.
+        old_logp = torch.zeros_like(ro.mask)
+        for b, lp in enumerate(gen_logp):
+            old_logp[b, : len(lp)] = torch.tensor(lp)
         ref_logp = response_logprobs(self.ref, ro)
         old_values = response_values(self.value, ro) * ro.mask
         scores = self.rewards([p.dialog for p in prompts], texts,
@@ -256,7 +260,7 @@ class PPO:
         from llama2.world import Annotator
 
         self.policy.eval()
-        _, _, texts = self.respond(self.heldout, 0.0, seed=0)
+        _, _, texts, _ = self.respond(self.heldout, 0.0, seed=0)
         scores = self.rewards([p.dialog for p in self.heldout], texts,
                               [p.kind == "safety" for p in self.heldout])
         ann = Annotator(0, noise=False)
