@@ -281,6 +281,7 @@ class GAttConfig:
     # instruction, then the gold answer), "gold" (the world's answer) or "sample".
     fallback_base: str = "plain"
     seq_len: int = 512
+    replay_demos: int = 0  # world SFT demonstrations mixed in (helpful; a fifth as many safety)
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=2e-5, epochs=2.0, warmup_steps=0, warmup_ratio=0.03, micro_batch_size=8,
@@ -603,6 +604,14 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         records, stats = sample_gatt_dialogs(loaded, plans, cfg)
         write_jsonl(out / "samples.jsonl", records)
         dialogs = training_dialogs(records, cfg.prefixes)
+        if cfg.replay_demos:
+            # Replay of SFT demonstrations beside the GAtt dialogs, so that fine-tuning on the
+            # (partly synthesized) GAtt answers does not wash out the chat skills: the paper
+            # fine-tunes on GAtt data as part of its larger fine-tuning mixture (§3.3).
+            from llama2.world import World
+
+            dialogs += World(cfg.world_seed).demonstrations(cfg.replay_demos,
+                                                            cfg.replay_demos // 5, split="train")
         summary.update(stats, dialogs=len(dialogs),
                        mean_turns=sum(len(r["answers"]) for r in records) / max(1, len(records)))
         atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")
