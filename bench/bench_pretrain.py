@@ -92,7 +92,7 @@ class Plain:
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
 
 class Engine:
@@ -217,6 +217,9 @@ def main() -> None:
             print(f"{dtype:<9} {name:<16} {tps[k]:>9,.0f} {tps[k] * fpt / peak:>6.1%} {m}")
         print(f"{dtype:<9} engine/transformers: {tps['engine'] / tps['plain']:.2f}x tokens/s, "
               f"{mem['engine'] / mem['plain']:.2f}x peak memory")
+        if args.compile:
+            print(f"{dtype:<9} engine+compile/transformers: "
+                  f"{tps['engine+compile'] / tps['plain']:.2f}x tokens/s")
 
 
 if __name__ == "__main__":
