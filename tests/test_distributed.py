@@ -17,26 +17,14 @@ from pathlib import Path
 
 import pytest
 
-from llama2.data.pretrain import prepare
-from llama2.tokenizer import train_tokenizer
+from conftest import tiny_dataset
 
 pytestmark = pytest.mark.slow
 
 
-def _docs() -> list[str]:
-    import numpy as np
-
-    words = ["the cat", "a dog", "ran home", "saw the sun", "was happy", "Lily", "Tom", "and"]
-    rng = np.random.default_rng(0)
-    return [" ".join(rng.choice(words, size=rng.integers(5, 40))) + "." for _ in range(400)]
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("dist")
-    tok = train_tokenizer(_docs(), root / "tok.model", vocab_size=300)
-    prepare(_docs(), tok, root / "data", val_fraction=0.05, progress=False, workers=1)
-    return root / "data"
+    return tiny_dataset(tmp_path_factory.mktemp("dist"), 400)
 
 
 def _args(dataset: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:

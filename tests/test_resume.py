@@ -18,26 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llama2.data.pretrain import prepare
-from llama2.tokenizer import train_tokenizer
+from conftest import tiny_dataset
 
 STEPS, SAVE_EVERY = 120, 20
 
 
-def _docs() -> list[str]:
-    import numpy as np
-
-    words = ["the cat", "a dog", "ran home", "saw the sun", "was happy", "Lily", "Tom", "and"]
-    rng = np.random.default_rng(0)
-    return [" ".join(rng.choice(words, size=rng.integers(5, 40))) + "." for _ in range(600)]
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("resume")
-    tok = train_tokenizer(_docs(), root / "tok.model", vocab_size=300)
-    prepare(_docs(), tok, root / "data", val_fraction=0.05, progress=False, workers=1)
-    return root / "data"
+    return tiny_dataset(tmp_path_factory.mktemp("resume"), 600)
 
 
 def _command(dataset: Path, run_dir: Path, *extra: str) -> list[str]:

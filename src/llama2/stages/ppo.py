@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from llama2 import checkpoint
-from llama2.chat import encode_prompt
 from llama2.engine import TrainConfig, make_optimizer
 from llama2.engine.checkpointing import rng_state, set_rng_state
-from llama2.generation import generate, truncate_at_eos
+from llama2.generation import reply
 from llama2.reward import RewardModel, TwoRewardModels, load_reward_model, logit, whiten
 from llama2.stages.common import load_policy, parse_stage
 from llama2.stages.rejection_sampling import load_prompts
@@ -171,12 +170,10 @@ class PPO:
 
     # ---------------------------------------------------------------- rollouts
     def respond(self, prompts, temperature: float, seed: int):
-        ids = [encode_prompt(self.tok, p.dialog) for p in prompts]
-        room = self.args.max_seq_len - max(len(i) for i in ids)
-        gen = generate(self.policy, ids, max_new_tokens=min(self.cfg.max_new_tokens, room),
-                       temperature=temperature, eos_id=self.tok.eos_id, pad_id=self.tok.pad_id,
-                       seed=seed)
-        texts = [self.tok.decode(truncate_at_eos(t, self.tok.eos_id)).strip() for t in gen.tokens]
+        """Prompt ids, new tokens, texts and the generator's log-probs (the shared `reply`)."""
+        loaded = checkpoint.Loaded(self.policy, self.tok, self.args, "native", {})
+        texts, ids, gen = reply(loaded, [p.dialog for p in prompts], self.cfg.max_new_tokens,
+                                temperature, seed)
         return ids, gen.tokens, texts, gen.logprobs
 
     @torch.no_grad()
