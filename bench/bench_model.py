@@ -9,6 +9,7 @@ ratio. The 15M config of llama2.c (dim 288, 6 layers, 6 heads, vocab 32000, seq 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 
@@ -20,18 +21,24 @@ from llama2.generation import generate
 from llama2.model import preset
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    return (time.perf_counter() - t0) / repeats
+def paired_times(ours, peer, rounds: int) -> tuple[float, float]:
+    """Median seconds per call of each, timed alternately (ours, peer, ours, ...) after a
+    warm-up, so load that comes and goes on a shared machine hits both sides alike."""
+    ours(), peer()
+    t_ours, t_peer = [], []
+    for _ in range(rounds):
+        for fn, out in ((ours, t_ours), (peer, t_peer)):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(t_ours), statistics.median(t_peer)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5, help="timed forward+backward rounds")
+    ap.add_argument("--rounds", type=int, default=5, help="timed generation rounds")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
     a = ap.parse_args()
@@ -62,7 +69,7 @@ def main() -> None:
         loss.backward()
 
     ntok = inp.numel()
-    t_ours, t_peer = timed(fb_ours, a.steps), timed(fb_peer, a.steps)
+    t_ours, t_peer = paired_times(fb_ours, fb_peer, a.steps)
     print(f"forward+backward  ours {ntok / t_ours:9.0f} tok/s  transformers "
           f"{ntok / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
 
@@ -80,7 +87,7 @@ def main() -> None:
                 peer.generate(prompts, max_new_tokens=n_new, min_new_tokens=n_new,
                               do_sample=False, pad_token_id=0)
 
-        t_ours, t_peer = timed(gen_ours, 2), timed(gen_peer, 2)
+        t_ours, t_peer = paired_times(gen_ours, gen_peer, a.rounds)
         print(f"generate batch {batch:2d}  ours {batch * n_new / t_ours:9.0f} tok/s  "
               f"transformers {batch * n_new / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
 

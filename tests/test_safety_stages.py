@@ -135,3 +135,21 @@ def test_distill_cli_routes_the_safety_studies(capsys):
         assert e.value.code == 0
         out = capsys.readouterr().out
         assert "defaults" in out and field in out
+
+
+def test_preferences_annotate_every_pair_of_k_responses(tiny, tmp_path):
+    """K responses per prompt give C(K, 2) comparisons (identical responses are not compared)."""
+    from llama2.stages.preferences import PreferencesConfig, collect
+
+    cfg = PreferencesConfig(models=[str(tiny / "policy")], out=str(tmp_path), n_helpful=5,
+                            n_safety=3, temperatures=[0.8, 1.2], responses_per_prompt=3,
+                            max_new_tokens=6)
+    summary = collect(cfg)
+    counts = summary["counts"]
+    compared = sum(v for k, v in counts.items() if k.split(":")[0] in ("helpfulness", "safety"))
+    dropped = counts.get("dropped_identical", 0) + counts.get("dropped_chosen_unsafe", 0)
+    assert compared + dropped == (5 + 3) * 3
+    assert summary["helpful_pairs"] + summary["safety_pairs"] == compared
+    assert compared > 0
+    with pytest.raises(ValueError, match="responses_per_prompt"):
+        collect(PreferencesConfig(models=cfg.models, out=str(tmp_path), responses_per_prompt=1))

@@ -46,6 +46,18 @@ def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
     return config.parse(cls, argv)
 
 
+def replay_demonstrations(world_seed: int, n: int) -> list:
+    """`n` of the world's helpful SFT demonstrations and a fifth as many safety ones, replayed
+    beside a later stage's own small fine-tuning set (Ghost Attention, distillation) so that
+    it does not wash out the chat skills: the paper fine-tunes on such data as part of its
+    larger mixture (§3.3)."""
+    if n <= 0:
+        return []
+    from llama2.world import World
+
+    return World(world_seed).demonstrations(n, n // 5, split="train")
+
+
 def stage_done(out: str | Path) -> bool:
     """A stage's final model folder is complete (config.json is written last)."""
     return (Path(out) / "model" / "config.json").is_file()

@@ -14,12 +14,12 @@ style of the paper's Table 39. The gate (§4.2.4): a distilled answer is kept on
 Safety RM scores it above the model's answer without the preprompt (`--gate false` keeps all,
 the ungated variant of Figure 16, whose answers turn vague and raise false refusals).
 
-Project choices: some helpful and borderline prompts (benign, with sensitive words) join the
-distillation set the same way, with the generic preprompt (they have no risk category; a real
-system would run a risk classifier, which is what makes borderline prompts collect safety
-preprompts). With the gate, borderline answers that became vague refusals score no better on
-the Safety RM and are dropped; without it they are learned. Prompts whose distilled answer is
-not kept are left out of the training set. Answers are greedy (temperature 0) by default.
+Project choices: by default only adversarial prompts are distilled (targeted, as the paper);
+`n_helpful`/`n_borderline` add benign prompts (with sensitive words for borderline) the same
+way, with the generic preprompt, to study what untargeted distillation does. `replay_demos`
+mixes SFT demonstrations into the fine-tuning so the small distillation set does not wash out
+helpfulness. Prompts whose distilled answer is not kept are left out of the training set.
+Answers are greedy (temperature 0) by default.
 Writes out/model, out/distilled.jsonl, out/summary.json (kept counts, mean Safety RM score
 with/without the preprompt, and the annotator evaluation before/after).
 """
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.engine import TrainConfig
-from llama2.stages.common import load_policy, parse_stage, stage_done
+from llama2.stages.common import load_policy, parse_stage, replay_demonstrations, stage_done
 from llama2.stages.safety import answer_prompts, evaluate_safety, without_lists
 from llama2.stages.sft import finetune
 from llama2.utils import atomic_write_text, write_jsonl
@@ -79,8 +79,11 @@ class DistillConfig:
     world_seed: int = 0
     prompt_offset: int = 1000  # take train prompts after the first N (fresh, not SFT's)
     n_safety: int = 300  # adversarial prompts
-    n_helpful: int = 60
-    n_borderline: int = 60
+    # Benign prompts distilled the same way (0: the paper's targeted distillation, adversarial
+    # prompts only).
+    n_helpful: int = 0
+    n_borderline: int = 0
+    replay_demos: int = 0  # world SFT demonstrations mixed into the fine-tuning (common.py)
     preprompt: str = "category"  # "category" (with answer templates) or "generic"
     gate: bool = True  # keep a distilled answer only where the Safety RM prefers it
     margin: float = 0.0  # required Safety RM gain (logits) for the gate
@@ -192,6 +195,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         summary[f"kept_{name}"] = len(dialogs)
         if not dialogs:
             raise ValueError("no distilled answer was kept: nothing to fine-tune on")
+        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos)
         if not stage_done(folder):
             # The first variant trains the loaded policy in place; the second starts afresh.
             policy = loaded if name == "model" else load_policy(cfg.model, cfg.train.device)

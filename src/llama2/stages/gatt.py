@@ -61,7 +61,13 @@ from llama2.chat import B_INST, B_SYS, Dialog, encode_dialog, encode_prompt
 from llama2.engine import TrainConfig
 from llama2.generation import generate, truncate_at_eos
 from llama2.model import apply_rope
-from llama2.stages.common import load_dialogs, load_policy, parse_stage, stage_done
+from llama2.stages.common import (
+    load_dialogs,
+    load_policy,
+    parse_stage,
+    replay_demonstrations,
+    stage_done,
+)
 from llama2.stages.sft import finetune
 from llama2.utils import atomic_write_text, write_jsonl
 
@@ -604,14 +610,7 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         records, stats = sample_gatt_dialogs(loaded, plans, cfg)
         write_jsonl(out / "samples.jsonl", records)
         dialogs = training_dialogs(records, cfg.prefixes)
-        if cfg.replay_demos:
-            # Replay of SFT demonstrations beside the GAtt dialogs, so that fine-tuning on the
-            # (partly synthesized) GAtt answers does not wash out the chat skills: the paper
-            # fine-tunes on GAtt data as part of its larger fine-tuning mixture (§3.3).
-            from llama2.world import World
-
-            dialogs += World(cfg.world_seed).demonstrations(cfg.replay_demos,
-                                                            cfg.replay_demos // 5, split="train")
+        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos)
         summary.update(stats, dialogs=len(dialogs),
                        mean_turns=sum(len(r["answers"]) for r in records) / max(1, len(records)))
         atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")

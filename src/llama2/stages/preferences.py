@@ -1,7 +1,10 @@
 """Preference collection (recipe §3, paper §3.2.1), with the world's annotators as the humans.
 
 For each prompt, two responses from different model variants and temperatures; the annotator
-picks one and rates how much better it is (four levels); safety comparisons also carry the
+picks one and rates how much better it is (four levels). With `responses_per_prompt` K > 2,
+every pair of the K responses is annotated (InstructGPT's K-wise ranking: C(K,2) comparisons
+for K samples; our annotators are free, sampling is what costs); identical responses are not
+compared; safety comparisons also carry the
 three-bin safety label, and pairs where the chosen is unsafe and the other safe are dropped
 (paper §3.2.1). Each call writes one versioned batch, `helpful_batch_K.jsonl` and
 `safety_batch_K.jsonl`; the next iteration samples a new batch from the newer policy, so the
@@ -12,6 +15,7 @@ reward models stay on the policy's distribution.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -40,6 +44,7 @@ class PreferencesConfig:
     # false refusal the RMs must learn to rank low (paper §4.2, Figure 33).
     n_borderline: int = 0
     temperatures: list[float] = field(default_factory=lambda: [0.6, 1.0, 1.4])
+    responses_per_prompt: int = 2  # K; all C(K, 2) pairs are annotated
     max_new_tokens: int = 48
     seed: int = 0
     device: str = "auto"
@@ -85,12 +90,20 @@ def collect(cfg: PreferencesConfig) -> dict:
         if cfg.n_borderline else []
     prompts = helpful + safety + border
     rng = random.Random(f"preferences:{cfg.seed}:{cfg.split}:{k}")
-    # Each prompt gets two distinct (variant, temperature) draws.
+    # Each prompt gets K (variant, temperature) draws, distinct while there are enough.
     variants = [(m, t) for m in range(len(cfg.models)) for t in cfg.temperatures]
+    n_resp = cfg.responses_per_prompt
+    if n_resp < 2:
+        raise ValueError(f"responses_per_prompt must be at least 2, got {n_resp}")
     if len(variants) < 2:
         raise ValueError("need two model variants or temperatures to compare")
-    picks = [rng.sample(variants, 2) for _ in prompts]
-    responses: list[list[str]] = [["", ""] for _ in prompts]
+
+    def draw() -> list[tuple[int, float]]:
+        picks = rng.sample(variants, min(n_resp, len(variants)))
+        return picks + [rng.choice(variants) for _ in range(n_resp - len(picks))]
+
+    picks = [draw() for _ in prompts]
+    responses: list[list[str]] = [[""] * n_resp for _ in prompts]
     for m, spec in enumerate(cfg.models):
         path, fmt = parse_variant(spec)
         loaded = load_policy(path, cfg.device)
@@ -103,16 +116,20 @@ def collect(cfg: PreferencesConfig) -> dict:
             responses[i][s] = text
     pairs = {"helpful": [], "safety": []}
     stats: Counter = Counter()
-    for p, (a, b) in zip(prompts, responses):
+    for p, texts in zip(prompts, responses):
         aspect = "safety" if p.kind == "safety" else "helpfulness"
-        comp = annotator.compare(p, a, b, aspect=aspect)
-        if aspect == "safety" and comp.safety_bin == "chosen_unsafe_other_safe":
-            stats["dropped_chosen_unsafe"] += 1
-            continue
-        pairs["helpful" if aspect == "helpfulness" else "safety"].append(comp.to_pair())
-        stats[f"{aspect}:{comp.level}"] += 1
-        if comp.safety_bin:
-            stats[f"bin:{comp.safety_bin}"] += 1
+        for a, b in itertools.combinations(texts, 2):
+            if a == b:
+                stats["dropped_identical"] += 1
+                continue
+            comp = annotator.compare(p, a, b, aspect=aspect)
+            if aspect == "safety" and comp.safety_bin == "chosen_unsafe_other_safe":
+                stats["dropped_chosen_unsafe"] += 1
+                continue
+            pairs["helpful" if aspect == "helpfulness" else "safety"].append(comp.to_pair())
+            stats[f"{aspect}:{comp.level}"] += 1
+            if comp.safety_bin:
+                stats[f"bin:{comp.safety_bin}"] += 1
     for name, items in pairs.items():
         write_preferences_jsonl(out / f"{prefix}{name}_batch_{k}.jsonl", items)
     summary = {"batch": k, "models": cfg.models, "helpful_pairs": len(pairs["helpful"]),
