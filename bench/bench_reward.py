@@ -7,9 +7,11 @@ Transformer, with its score head copied) on the same preference pairs in the sam
 `--max-len` tokens from the left), with the same batch of pairs, number of steps, AdamW,
 gradient clipping at 1.0 and dtype. Our side runs the engine as `train_reward_model` does
 (`Trainer` + `EpochSampler` + `make_collate` + `ranking_loss`; no periodic checkpoints, no
-progress bar). TRL's side is `RewardTrainer` on the pre-tokenized pairs (`chosen_ids` /
-`rejected_ids`) with sequential sampling; its gradient checkpointing, on by default in
-`RewardConfig`, is turned OFF here (it recomputes the forward: not a fair comparison).
+progress bar; `make_collate` packs each pair so that the dialog context chosen and rejected
+share is computed once: `llama2.reward.pack_pairs`). TRL's side is `RewardTrainer` on the
+pre-tokenized pairs (`chosen_ids` / `rejected_ids`) with sequential sampling; its gradient
+checkpointing, on by default in `RewardConfig`, is turned OFF here (it recomputes the forward:
+not a fair comparison).
 
 Only optimizer steps are timed (a global optimizer step hook, the same for both): from the end
 of step `--warmup` to the end of the last step, so startup, warm-up and final saving are
@@ -146,7 +148,7 @@ def run_ours(rm, items, pad_id: int, a, dtype: str, workdir: str) -> dict:
     tokens: list[int] = []
 
     def loss_fn(model, batch):
-        tokens.append(int((batch["last"] + 1).sum()))
+        tokens.append(int(batch["lengths"].sum()))
         return ranking_loss(model, batch, 0.0)
 
     data = EpochSampler(items, make_collate(pad_id, "none"), shuffle=False)

@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 
 from llama2.model import ModelArgs, Transformer
-from llama2.reward import from_policy, load_reward_model, save_reward_model, score
+from llama2.reward import (
+    from_policy,
+    load_reward_model,
+    pack_pairs,
+    pad_right,
+    save_reward_model,
+    score,
+)
 from llama2.stages.reward import (
     MARGINS,
     build_mix,
@@ -57,7 +64,8 @@ def test_ranking_loss_is_the_formula_with_margin_and_aux(tok):
     items = [encode_pair(tok, p, 128) for p in pairs]
     batch = make_collate(tok.pad_id, "large")(items)
     loss, metrics, n = ranking_loss(rm, batch)
-    s = rm(batch["tokens"], batch["last"])
+    # The packed batch's loss is the formula on each sequence scored alone.
+    s = rm(*pad_right([i["chosen"] for i in items] + [i["rejected"] for i in items], tok.pad_id))
     c, r = s[:3], s[3:]
     want = -F.logsigmoid(c - r - torch.tensor([3.0, 1.0, 2.0])).mean()
     assert n == 3 and torch.allclose(loss, want)
@@ -67,6 +75,45 @@ def test_ranking_loss_is_the_formula_with_margin_and_aux(tok):
     labels = torch.tensor([1.0, 1.0, 0.0, 1.0])
     aux = F.binary_cross_entropy_with_logits(known, labels)
     assert torch.allclose(loss_aux, want + aux, atol=1e-6) and "aux_loss" in m_aux
+
+
+def test_packed_pairs_score_as_each_sequence_alone():
+    """Chosen and rejected packed in one row with a shared context (and several pairs in a
+    row) score exactly as each sequence scored on its own."""
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64,
+                              multiple_of=16, max_seq_len=128))
+    m.init_weights()
+    rm = from_policy(m)
+    torch.nn.init.normal_(rm.score_head.weight, std=0.5)
+    torch.nn.init.normal_(rm.score_head.bias, std=0.5)
+    rng = random.Random(0)
+
+    def seq(n):
+        return [rng.randrange(1, 64) for _ in range(n)]
+
+    pairs = []
+    for ctx, a, b in [(20, 5, 9), (3, 12, 2), (40, 1, 1), (7, 6, 6), (0, 4, 8), (11, 30, 3)]:
+        context = seq(ctx)
+        pairs.append((context + seq(a), context + seq(b)))
+    first = seq(9)  # responses that share a first token: the prefix runs past the context
+    pairs.append((first + [5, 6, 7], first + [5, 8]))
+    pairs.append((first + [5, 6], first + [5, 6]))  # identical: each keeps its last token
+    pairs.append((seq(25), seq(18)))  # nothing shared: two separate segments
+    batch = pack_pairs(pairs)
+    R, _, T, _ = batch["mask"].shape  # the attention layout: several pairs share a row
+    N = batch["tokens"].shape[1]  # each shared context once
+    assert R < len(pairs) and N < sum(len(c) + len(r) for c, r in pairs) and N <= R * T
+    chosen, rejected = rm.forward_pairs(batch)
+    alone = torch.cat([rm(torch.tensor([s]), torch.tensor([len(s) - 1]))
+                       for s in [c for c, _ in pairs] + [r for _, r in pairs]])
+    assert torch.allclose(torch.cat([chosen, rejected]), alone, atol=1e-5)
+    assert alone.std() > 0.1  # the scores differ: the check has teeth
+    # ... and so do the gradients (the scatter to the attention layout and back).
+    weights = torch.randn(2 * len(pairs))
+    packed = torch.autograd.grad((torch.cat([chosen, rejected]) * weights).sum(), rm.parameters())
+    single = torch.autograd.grad((alone * weights).sum(), rm.parameters())
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(packed, single))
 
 
 def test_mix_proportions():

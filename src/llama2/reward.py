@@ -46,6 +46,13 @@ class RewardModel(nn.Module):
         h_last = h[torch.arange(h.shape[0], device=h.device), last]
         return self.score_head(h_last).squeeze(-1).float()
 
+    def forward_pairs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores (chosen [N], rejected [N]) of preference pairs packed by `pack_pairs`."""
+        h = self.transformer.hidden(batch["tokens"], positions=batch["positions"],
+                                    mask=batch["mask"], slots=batch["slots"])
+        scores = self.score_head(h[0, batch["read"]]).squeeze(-1).float()
+        return scores.chunk(2)
+
     def values(self, tokens: torch.Tensor) -> torch.Tensor:
         """A score at every position [B, T]: the PPO value head reads the RM this way."""
         return self.score_head(self.transformer.hidden(tokens)).squeeze(-1).float()
@@ -98,6 +105,80 @@ def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     for i, s in enumerate(seqs):
         tokens[i, : len(s)] = torch.tensor(s, dtype=torch.long)
     return tokens, torch.tensor([len(s) - 1 for s in seqs])
+
+
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common start of two sequences, leaving each at least its last token."""
+    n, limit = 0, min(len(a), len(b)) - 1
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
+def pack_pairs(pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tensor]:
+    """Pack (chosen, rejected) sequences so that each pair's shared context is computed once.
+
+    Both responses of a pair follow the same dialog context, so a pair becomes one segment
+    `chosen + rejected[c:]`, c the length of their common prefix: the rejected part attends to
+    the context (the segment's first c tokens) and to itself, not to the chosen response, and
+    its rotary positions continue from c, so each token sees exactly what it would see in its
+    own sequence. A pair with nothing in common (contexts cut from the left differently) is two
+    segments. The tokens go unpadded through the model; only attention lays them out in rows
+    (segments packed first-fit-decreasing into rows as long as the longest segment).
+
+    Returns tokens and positions [1, N] (N = the segments' tokens), `slots` [N]: each token's
+    flat index in the [R, T] attention layout, the boolean attention mask [R, 1, T, T] (True =
+    attend; a padding slot attends only to itself), and `read` [2 * pairs]: the index of the
+    last token of each chosen, then each rejected sequence (`RewardModel.forward_pairs`).
+    """
+    n = len(pairs)
+    # A segment is a list of parts (tokens, first position, read slot); a part starting at
+    # position p > 0 also attends to the first p tokens of its segment.
+    segments: list[list[tuple[list[int], int, int]]] = []
+    for i, (chosen, rejected) in enumerate(pairs):
+        c = shared_prefix(chosen, rejected)
+        if c:
+            segments.append([(chosen, 0, i), (rejected[c:], c, n + i)])
+        else:
+            segments += [[(chosen, 0, i)], [(rejected, 0, n + i)]]
+
+    def length(seg):
+        return sum(len(part) for part, _, _ in seg)
+
+    T = max(length(s) for s in segments)
+    rows: list[list] = []
+    for seg in sorted(segments, key=length, reverse=True):
+        row = next((r for r in rows if sum(map(length, r)) + length(seg) <= T), None)
+        if row is None:
+            rows.append([seg])
+        else:
+            row.append(seg)
+
+    tokens: list[int] = []
+    positions: list[int] = []
+    slots: list[int] = []
+    read = [0] * (2 * n)
+    # In the layout, a query attends to keys lo..itself and to the prefix keys plo..phi-1.
+    lo = torch.arange(T).repeat(len(rows), 1)
+    plo, phi = torch.zeros_like(lo), torch.zeros_like(lo)
+    for r, row in enumerate(rows):
+        at = 0
+        for seg in row:
+            seg_start = at
+            for part, first, slot in seg:
+                end = at + len(part)
+                tokens += part
+                positions += range(first, first + len(part))
+                slots += range(r * T + at, r * T + end)
+                read[slot] = len(tokens) - 1
+                lo[r, at:end] = at
+                plo[r, at:end], phi[r, at:end] = seg_start, seg_start + first
+                at = end
+    q = torch.arange(T).view(1, T, 1)
+    k = torch.arange(T).view(1, 1, T)
+    mask = ((k >= lo.unsqueeze(2)) & (k <= q)) | ((k >= plo.unsqueeze(2)) & (k < phi.unsqueeze(2)))
+    return {"tokens": torch.tensor([tokens]), "positions": torch.tensor([positions]),
+            "slots": torch.tensor(slots), "mask": mask.unsqueeze(1), "read": torch.tensor(read)}
 
 
 @torch.no_grad()

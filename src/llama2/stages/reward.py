@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from llama2.engine import EpochSampler, TrainConfig, Trainer
-from llama2.reward import RewardModel, encode_scored, from_policy, pad_right, save_reward_model
+from llama2.engine.trainer import to_device
+from llama2.reward import RewardModel, encode_scored, from_policy, pack_pairs, save_reward_model
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
 
@@ -124,10 +125,12 @@ def make_collate(pad_id: int, margin: str):
     table = MARGINS[margin]
 
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        tokens, last = pad_right([i["chosen"] for i in items] + [i["rejected"] for i in items],
-                                 pad_id)
+        """Pairs packed by `pack_pairs` (the shared context computed once, no padding: pad_id
+        is unused), their margins, safety labels and `lengths` (the tokens of each chosen,
+        then each rejected sequence)."""
         labels = [BIN_LABELS.get(i["safety_bin"] or "", (-1.0, -1.0)) for i in items]
-        return {"tokens": tokens, "last": last,
+        return {**pack_pairs([(i["chosen"], i["rejected"]) for i in items]),
+                "lengths": torch.tensor([len(i[k]) for k in ("chosen", "rejected") for i in items]),
                 "margin": torch.tensor([table.get(i["level"] or "", 0.0) for i in items]),
                 "safe": torch.tensor(labels).t().reshape(-1)}  # chosen labels, then rejected
 
@@ -137,14 +140,14 @@ def make_collate(pad_id: int, margin: str):
 def ranking_loss(rm: RewardModel, batch: dict[str, torch.Tensor], aux_weight: float = 0.0
                  ) -> tuple[torch.Tensor, dict[str, float], int]:
     """Margin ranking loss (paper eq. 2), plus the auxiliary safety loss when weighted."""
-    scores = rm(batch["tokens"], batch["last"])
-    n = scores.shape[0] // 2
-    chosen, rejected = scores[:n], scores[n:]
+    chosen, rejected = rm.forward_pairs(batch)
+    n = chosen.shape[0]
     loss = -F.logsigmoid(chosen - rejected - batch["margin"]).mean()
     metrics = {"accuracy": float((chosen > rejected).float().mean())}
     if aux_weight:
         known = batch["safe"] >= 0
         if bool(known.any()):
+            scores = torch.cat([chosen, rejected])
             aux = F.binary_cross_entropy_with_logits(scores[known], batch["safe"][known])
             loss = loss + aux_weight * aux
             metrics["aux_loss"] = float(aux.detach())
@@ -160,11 +163,9 @@ def pair_scores(rm: RewardModel, items: list[dict], pad_id: int, batch_size: int
     chosen, rejected = [], []
     device = rm.score_head.weight.device
     for b in range(0, len(items), batch_size):
-        batch = collate(items[b:b + batch_size])
-        s = rm(batch["tokens"].to(device), batch["last"].to(device)).cpu()
-        n = s.shape[0] // 2
-        chosen.append(s[:n])
-        rejected.append(s[n:])
+        c, r = rm.forward_pairs(to_device(collate(items[b:b + batch_size]), device))
+        chosen.append(c.cpu())
+        rejected.append(r.cpu())
     return torch.cat(chosen), torch.cat(rejected)
 
 

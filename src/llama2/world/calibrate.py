@@ -55,6 +55,9 @@ def calibration(seed: int = 0, n: int = 150) -> dict[str, Any]:
     safety = world.safety_prompts(n, "eval")
     groups["safety"] = safety
     pool = world.helpful_prompts(n, "train")
+    # an evasive answer to an unsafe prompt is an off-topic one: not a how-to's steps, which
+    # read as compliance ("first ... then ...") and are judged a violation
+    off_topic = [q for q in pool if q.family != "howto"]
 
     help_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     safe_scores: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
@@ -67,7 +70,7 @@ def calibration(seed: int = 0, n: int = 150) -> dict[str, Any]:
     bins: dict[str, int] = defaultdict(int)
     for fam, prompts in groups.items():
         for p in prompts:
-            ladder = response_ladder(p, rng.choice(pool), rng)
+            ladder = response_ladder(p, rng.choice(off_topic if p.kind == "safety" else pool), rng)
             for name, resp in ladder.items():
                 help_scores[fam][name].append(ann.helpfulness(p, resp))
                 safe_scores[fam][name].append(ann.safety(p, resp))

@@ -15,12 +15,17 @@ from typing import Any
 
 from llama2.world.facts import (
     ATTRIBUTES,
+    COLORS,
     FACT_QUESTIONS,
+    NAMES,
     NOUNS_EVERYDAY,
+    PETS,
+    TOWNS,
     WORDS,
     Entity,
     fact_sentence,
 )
+from llama2.world.safety import REQUESTS
 
 Task = tuple[str, str, dict[str, Any]]  # (user text, gold answer, meta)
 
@@ -129,14 +134,110 @@ def _writing(rng: random.Random, entities: list[Entity]) -> Task:
     return q, body, {"task": "starts_with", "check": "starts_with", "expected": s, "keys": []}
 
 
-FAMILIES: tuple[str, ...] = ("arithmetic", "string", "counting", "facts", "writing")
+# Everyday how-to requests, asked with the same words as the unsafe ones (safety.REQUESTS):
+# a model tuned only on these learns to answer "How do I ...?" with steps whatever is asked,
+# the helpfulness/safety tension of paper §4 (helpful-only data makes a model comply).
+# (goal, steps, keywords): goal and steps may hold {n} (a name), {t} (a town), {p} (the pet
+# of that name's entity) or {c} (a color); the keywords are the words of the steps that a
+# relevant answer mentions. Several goals share their objects with an unsafe topic (a car, a
+# dog, a bike, a neighbor, a party, an account), so the request alone does not tell them apart.
+HOWTO: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("bake bread", ("mix flour, water and yeast", "let the dough rise for an hour",
+                    "bake it in a hot oven"), ("flour", "dough", "oven")),
+    ("fix a flat bike tire", ("take the tire off the wheel", "find the hole and put a patch on it",
+                              "pump the tire up again"), ("wheel", "patch", "pump")),
+    ("plant a tree", ("dig a deep hole in the ground",
+                      "put the tree in and cover the roots with soil"), ("hole", "soil")),
+    ("clean my room", ("put your clothes and toys away", "dust the shelves",
+                       "sweep the floor"), ("clothes", "dust", "floor")),
+    ("make soup", ("cut up carrots and an onion", "boil them in water with a little salt"),
+     ("carrots", "boil")),
+    ("wash a car", ("fill a bucket with soapy water", "scrub the car with a sponge",
+                    "rinse it with a hose"), ("bucket", "sponge", "rinse")),
+    ("walk {n}'s dog", ("put the leash on the dog", "walk it to the park and back"),
+     ("leash", "park")),
+    ("get to {t} by bus", ("find the bus stop and check the times", "buy a ticket",
+                           "get off at the last stop in {t}"), ("bus stop", "ticket")),
+    ("sell my old bike", ("clean the bike and fix what is broken",
+                          "take a photo and put up a note with the price"), ("photo", "price")),
+    ("save money for a new bike", ("put a few coins in a jar every week",
+                                   "count them at the end of each month"), ("jar", "count")),
+    ("make friends at a new school", ("say hello and ask the other kids their names",
+                                      "join a club or a game at lunch"), ("hello", "club")),
+    ("plan a birthday party for {n}", ("pick a day and make a list of friends",
+                                       "send the invitations", "buy a cake"),
+     ("list", "invitations", "cake")),
+    ("write a letter to {n}", ("start with Dear {n} and say how you are",
+                               "sign your name", "put it in an envelope with a stamp"),
+     ("dear", "envelope", "stamp")),
+    ("grow tomatoes", ("plant the seeds in a pot of soil", "put the pot in the sun",
+                       "water the plants every day"), ("seeds", "sun", "water")),
+    ("make a cup of tea", ("boil some water", "pour it on a tea bag in a cup",
+                           "wait three minutes"), ("boil", "tea bag", "minutes")),
+    ("learn to swim", ("hold the side of the pool and practice kicking",
+                       "learn to float on your back", "take lessons with a teacher"),
+     ("pool", "float", "lessons")),
+    ("fold a shirt", ("lay the shirt flat on a table", "fold the sleeves to the back",
+                      "fold it in half"), ("flat", "sleeves", "half")),
+    ("take care of {n}'s pet {p}", ("give the {p} fresh food and water every day",
+                                    "keep its home clean", "take it to the vet once a year"),
+     ("food", "clean", "vet")),
+    ("paint my fence {c}", ("clean the fence and let it dry", "paint it {c} with a wide brush",
+                            "add a second coat the next day"), ("dry", "brush", "coat")),
+    ("find my lost cat", ("look under the beds and in the garden",
+                          "put up notes with a photo of the cat", "ask the neighbors"),
+     ("garden", "notes", "neighbors")),
+    ("make a paper boat", ("fold a sheet of paper in half", "fold the corners down",
+                           "open it and pull the sides out"), ("paper", "corners", "sides")),
+    ("get ready for a test", ("read your notes every day for a week",
+                              "sleep well the night before"), ("notes", "sleep")),
+    ("help my neighbor {n} move house", ("pack the things in strong boxes",
+                                         "carry the boxes to the truck together"),
+     ("boxes", "truck")),
+    ("keep my account safe", ("pick a long password that is hard to guess",
+                              "never share it with anyone"), ("long password", "share")),
+    ("make a cheese sandwich", ("put cheese on a slice of bread",
+                                "cover it with a second slice"), ("cheese", "slice")),
+    ("catch a fish in the river near {t}", ("put a worm on the hook",
+                                            "cast the line into the water and wait"),
+     ("hook", "line")),
+    ("ride a bike", ("start on a flat path with a friend holding the seat",
+                     "push the pedals and look ahead"), ("seat", "pedals")),
+    ("go to sleep early", ("turn off the screens an hour before bed",
+                           "read a book in a quiet room"), ("screens", "book")),
+)
+HOWTO_REQUESTS: tuple[str, ...] = (*REQUESTS, "How can I {g}?")
+_ORDINALS = ("First", "Then", "Finally")
+
+
+def _howto_fill(rng: random.Random, entities: list[Entity]) -> dict[str, str]:
+    e = rng.choice(entities)
+    return {"n": e.name, "p": e.pet, "t": rng.choice(TOWNS), "c": rng.choice(COLORS)}
+
+
+def howto_answer(steps: tuple[str, ...], fill: dict[str, str]) -> str:
+    """The gold shape: "First, <step>. Then, <step>." (and "Finally, <step>." if a third)."""
+    return " ".join(f"{o}, {s.format(**fill)}." for o, s in zip(_ORDINALS, steps))
+
+
+def _howto(rng: random.Random, entities: list[Entity]) -> Task:
+    i = rng.randrange(len(HOWTO))
+    goal, steps, kws = HOWTO[i]
+    fill = _howto_fill(rng, entities)
+    g = goal.format(**fill)
+    q = rng.choice(HOWTO_REQUESTS).format(g=g)
+    return q, howto_answer(steps, fill), {"task": "howto", "check": "keywords", "goal": g,
+                                           "howto": i, "expected": list(kws), "keys": list(kws)}
+
+
+FAMILIES: tuple[str, ...] = ("arithmetic", "string", "counting", "facts", "writing", "howto")
 
 
 def make_task(family: str, rng: random.Random, entities: list[Entity]) -> Task:
     gens: dict[str, Callable[[], Task]] = {
         "arithmetic": lambda: _arith(rng), "string": lambda: _string(rng),
         "counting": lambda: _counting(rng), "facts": lambda: _facts(rng, entities),
-        "writing": lambda: _writing(rng, entities),
+        "writing": lambda: _writing(rng, entities), "howto": lambda: _howto(rng, entities),
     }
     return gens[family]()
 
@@ -192,6 +293,12 @@ def corrupt_answer(answer: str, meta: dict[str, Any], rng: random.Random) -> str
                       answer)
     if check == "starts_with":
         return "Then " + answer[0].lower() + answer[1:]
+    if check == "keywords" and meta.get("task") == "howto":  # another goal's steps, same shape
+        kws = [str(k) for k in exp]
+        others = [steps for j, (_g, steps, _k) in enumerate(HOWTO) if j != meta.get("howto")
+                  and not any(re.search(rf"\b{re.escape(k)}\b", " ".join(steps)) for k in kws)]
+        return howto_answer(rng.choice(others), {"n": rng.choice(NAMES), "p": rng.choice(PETS),
+                                                 "t": rng.choice(TOWNS), "c": rng.choice(COLORS)})
     if check == "keywords":
         return "You can just try your best and see what happens."
     return answer
