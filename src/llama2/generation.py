@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from llama2.model import Transformer, causal_padding_mask
+from llama2.model import Transformer, causal_padding_mask, inference_copies
 
 
 @dataclass
@@ -63,8 +63,13 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return torch.where(sampled_rows, choice, logits.argmax(-1))
 
 
-@torch.inference_mode()
-def generate(
+def generate(*args, **kwargs) -> Generation:
+    """`sample` with autograd off and the decode-friendly weight copies (model.py)."""
+    with torch.inference_mode(), inference_copies():
+        return sample(*args, **kwargs)
+
+
+def sample(
     model: Transformer,
     prompts: list[list[int]],
     max_new_tokens: int = 64,

@@ -11,6 +11,8 @@ grouped-query attention through `scaled_dot_product_attention`, no biases, untie
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -122,28 +124,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.unsqueeze(2) + swapped * sin.unsqueeze(2)).type_as(x)
 
 
-# Inference on CPU multiplies by contiguous copies of the transposed (and, for q/k/v and
-# w1/w3, concatenated) weights: the BLAS reads x @ W^T about 1.3-2x faster in that layout for
-# the matrix-vector products of decoding, and one product replaces two or three. The copies
-# are made once, kept beside the module and remade when a weight changes; they are used only
-# with autograd off and for matrices up to this size (a 7B model on CPU keeps its memory).
+# Inside `inference_copies()` (one generation call, while the weights cannot change), CPU
+# matmuls multiply by contiguous copies of the transposed (and, for q/k/v and w1/w3,
+# concatenated) weights: the BLAS reads x @ W^T about 1.3-2x faster in that layout for the
+# matrix-vector products of decoding, and one product replaces two or three. The copies live
+# only for the block (an optimizer may update weights in place without a trace), only with
+# autograd off and for matrices up to this size (a 7B model on CPU keeps its memory).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
+_COPIES: ContextVar[dict | None] = ContextVar("inference_copies", default=None)
 
 
-def inference_weight(owner: nn.Module, *linears: nn.Linear) -> torch.Tensor | None:
-    """The cached [in, sum(out)] copy of `linears`' weights, or None where it does not apply
-    (autograd on, not CPU, too large); `owner` holds the cache."""
+@contextmanager
+def inference_copies():
+    """Enable the cached weight copies for the block (nested blocks share the outer cache)."""
+    if _COPIES.get() is not None:
+        yield
+        return
+    token = _COPIES.set({})
+    try:
+        yield
+    finally:
+        _COPIES.reset(token)
+
+
+def inference_weight(owner: object, *linears: nn.Linear) -> torch.Tensor | None:
+    """The [in, sum(out)] copy of `linears`' weights cached for `owner`, or None where it does
+    not apply (outside `inference_copies`, autograd on, not CPU, FSDP DTensor, too large)."""
+    store = _COPIES.get()
     w0 = linears[0].weight
-    if torch.is_grad_enabled() or w0.device.type != "cpu" or type(w0.data) is not torch.Tensor \
-            or len(linears) * w0.numel() > INFERENCE_COPY_MAX_NUMEL:  # (FSDP: DTensor weights)
+    if store is None or torch.is_grad_enabled() or w0.device.type != "cpu" \
+            or type(w0.data) is not torch.Tensor or len(linears) * w0.numel() > INFERENCE_COPY_MAX_NUMEL:
         return None
-    key = tuple((lin.weight.data_ptr(), lin.weight._version, lin.weight.dtype) for lin in linears)
-    cached = owner.__dict__.get("_inference_weight")
-    if cached is None or cached[0] != key:
+    key = id(owner)
+    if key not in store:
         w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
-        cached = (key, w.t().contiguous())
-        owner.__dict__["_inference_weight"] = cached
-    return cached[1]
+        store[key] = w.t().contiguous()
+    return store[key]
 
 
 def project(owner: nn.Module, x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:

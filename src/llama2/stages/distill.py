@@ -194,8 +194,10 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         dialogs = training_dialogs(rows, gated)
         summary[f"kept_{name}"] = len(dialogs)
         if not dialogs:
-            raise ValueError("no distilled answer was kept: nothing to fine-tune on")
+            print(f"distill: no distilled answer kept for {name}", file=sys.stderr)
         dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos)
+        if not dialogs:
+            raise ValueError("no distilled answer was kept: nothing to fine-tune on")
         if not stage_done(folder):
             # The first variant trains the loaded policy in place; the second starts afresh.
             policy = loaded if name == "model" else load_policy(cfg.model, cfg.train.device)
