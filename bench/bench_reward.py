@@ -141,7 +141,7 @@ def timed_window(times: list[tuple[float, float]], tokens: list[int], warmup: in
             "per_step": tokens}
 
 
-def run_ours(rm, items, pad_id: int, a, dtype: str, workdir: str) -> dict:
+def run_ours(rm, items, a, dtype: str, workdir: str) -> dict:
     from llama2.engine import EpochSampler, TrainConfig, Trainer
     from llama2.stages.reward import make_collate, ranking_loss
 
@@ -151,7 +151,7 @@ def run_ours(rm, items, pad_id: int, a, dtype: str, workdir: str) -> dict:
         tokens.append(int(batch["lengths"].sum()))
         return ranking_loss(model, batch, 0.0)
 
-    data = EpochSampler(items, make_collate(pad_id, "none"), shuffle=False)
+    data = EpochSampler(items, make_collate("none"), shuffle=False)
     cfg = TrainConfig(lr=1e-5, warmup_steps=1, micro_batch_size=a.batch, global_batch=a.batch,
                       max_steps=a.steps, dtype=dtype, save_every=0, log_every=a.steps,
                       progress=False, device="cpu", seed=0)
@@ -302,7 +302,7 @@ def main() -> None:
         for r in range(a.rounds):
             rm, peer = fresh_pair()
             run_dir = Path(workdir) / f"{dtype}_{r}"
-            runs = {"ours": run_ours(rm, items, tok.pad_id, a, dtype, run_dir),
+            runs = {"ours": run_ours(rm, items, a, dtype, run_dir),
                     "TRL": run_trl(peer, hf_tok, items, a, dtype, run_dir)}
             if runs["ours"]["per_step"][: a.steps] != runs["TRL"]["per_step"][: a.steps]:
                 print(f"warning: the two sides' batches differ: {runs['ours']['per_step']} vs "

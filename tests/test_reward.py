@@ -62,7 +62,7 @@ def test_ranking_loss_is_the_formula_with_margin_and_aux(tok):
     from llama2.stages.reward import encode_pair
 
     items = [encode_pair(tok, p, 128) for p in pairs]
-    batch = make_collate(tok.pad_id, "large")(items)
+    batch = make_collate("large")(items)
     loss, metrics, n = ranking_loss(rm, batch)
     # The packed batch's loss is the formula on each sequence scored alone.
     s = rm(*pad_right([i["chosen"] for i in items] + [i["rejected"] for i in items], tok.pad_id))
@@ -153,6 +153,6 @@ def test_save_load_score_and_eval_per_level(tmp_path, tok):
 
     pairs = [PreferencePair(dialogs[0], responses[i], responses[j], lvl, "both_unsafe")
              for i, j, lvl in [(0, 1, "better"), (1, 2, "negligibly_better"), (2, 0, "better")]]
-    ev = evaluate_rm(rm, [encode_pair(tok, p, 128) for p in pairs], tok.pad_id)
+    ev = evaluate_rm(rm, [encode_pair(tok, p, 128) for p in pairs])
     assert ev["count_by_level"] == {"better": 2, "negligibly_better": 1}
     assert ev["unsafe_count"] == 6 and 0 <= ev["unsafe_recall"] <= 1

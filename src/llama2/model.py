@@ -147,24 +147,24 @@ def inference_copies():
         _COPIES.reset(token)
 
 
-def inference_weight(owner: object, *linears: nn.Linear) -> torch.Tensor | None:
-    """The [in, sum(out)] copy of `linears`' weights cached for `owner`, or None where it does
-    not apply (outside `inference_copies`, autograd on, not CPU, FSDP DTensor, too large)."""
+def inference_weight(*linears: nn.Linear) -> torch.Tensor | None:
+    """The cached [in, sum(out)] copy of `linears`' weights, or None where it does not apply
+    (outside `inference_copies`, autograd on, not CPU, FSDP DTensor, too large)."""
     store = _COPIES.get()
     w0 = linears[0].weight
     if store is None or torch.is_grad_enabled() or w0.device.type != "cpu" \
             or type(w0.data) is not torch.Tensor or len(linears) * w0.numel() > INFERENCE_COPY_MAX_NUMEL:
         return None
-    key = id(owner)
+    key = tuple(id(lin) for lin in linears)
     if key not in store:
         w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
         store[key] = w.t().contiguous()
     return store[key]
 
 
-def project(owner: nn.Module, x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     """x through each of `linears` (no biases), through the cached copy when inferring."""
-    w = inference_weight(owner, *linears)
+    w = inference_weight(*linears)
     if w is None:
         return tuple(lin(x) for lin in linears)
     out = x @ w
@@ -203,12 +203,11 @@ class Attention(nn.Module):
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
-        self.out_proj = _Projection(self.wo)
 
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0,
                 slots: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q, k, v = project(self, x, self.wq, self.wk, self.wv)
+        q, k, v = project(x, self.wq, self.wk, self.wv)
         # Rotate queries and keys in one call: they share positions.
         qk = apply_rope(torch.cat((q, k), -1).view(B, T, -1, self.head_dim), cos, sin)
         q, k = qk.split((self.n_heads, self.n_kv_heads), 2)
@@ -226,24 +225,13 @@ class Attention(nn.Module):
         out = out.transpose(1, 2)
         if slots is not None:
             out = out.flatten(0, 1)[slots]
-        return self.out_proj(out.reshape(B, T, -1))
+        return project(out.reshape(B, T, -1), self.wo)[0]
 
 
 def to_slots(x: torch.Tensor, slots: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """Scatter x [N, ...] to the flat positions `slots` [N] of a zero [rows, cols, ...] layout."""
     out = x.new_zeros(rows * cols, *x.shape[1:]).index_copy(0, slots, x)
     return out.unflatten(0, (rows, cols))
-
-
-class _Projection:
-    """One linear layer through `project` (a plain callable, not a submodule: the weights stay
-    where Meta's names put them)."""
-
-    def __init__(self, linear: nn.Linear):
-        self.linear = linear
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return project(self, x, self.linear)[0]
 
 
 class FeedForward(nn.Module):
@@ -253,11 +241,9 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(hidden_dim, dim, bias=False)
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
-        self.down = _Projection(self.w2)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(self, x, self.w1, self.w3)
-        return self.down(F.silu(gate) * up)  # SwiGLU
+        gate, up = project(x, self.w1, self.w3)
+        return project(F.silu(gate) * up, self.w2)[0]  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -335,7 +321,7 @@ class Transformer(nn.Module):
         """The vocabulary projection of hidden states [..., dim]."""
         if not isinstance(self.output, nn.Linear):  # a reward model's transformer
             return self.output(h)
-        return project(self, h, self.output)[0]
+        return project(h, self.output)[0]
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.output.weight

@@ -121,12 +121,12 @@ def encode_pair(tok, pair, max_len: int) -> dict[str, Any]:
             "level": pair.level, "safety_bin": pair.safety_bin}
 
 
-def make_collate(pad_id: int, margin: str):
+def make_collate(margin: str):
     table = MARGINS[margin]
 
     def collate(items: list[dict]) -> dict[str, torch.Tensor]:
-        """Pairs packed by `pack_pairs` (the shared context computed once, no padding: pad_id
-        is unused), their margins, safety labels and `lengths` (the tokens of each chosen,
+        """Pairs packed by `pack_pairs` (the shared context computed once, no padding), their
+        margins, safety labels and `lengths` (the tokens of each chosen,
         then each rejected sequence)."""
         labels = [BIN_LABELS.get(i["safety_bin"] or "", (-1.0, -1.0)) for i in items]
         return {**pack_pairs([(i["chosen"], i["rejected"]) for i in items]),
@@ -156,10 +156,10 @@ def ranking_loss(rm: RewardModel, batch: dict[str, torch.Tensor], aux_weight: fl
 
 # --------------------------------------------------------------------------------- eval
 @torch.no_grad()
-def pair_scores(rm: RewardModel, items: list[dict], pad_id: int, batch_size: int = 32
+def pair_scores(rm: RewardModel, items: list[dict], batch_size: int = 32
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     rm.eval()
-    collate = make_collate(pad_id, "none")
+    collate = make_collate("none")
     chosen, rejected = [], []
     device = rm.score_head.weight.device
     for b in range(0, len(items), batch_size):
@@ -169,10 +169,10 @@ def pair_scores(rm: RewardModel, items: list[dict], pad_id: int, batch_size: int
     return torch.cat(chosen), torch.cat(rejected)
 
 
-def evaluate_rm(rm: RewardModel, items: list[dict], pad_id: int) -> dict[str, Any]:
+def evaluate_rm(rm: RewardModel, items: list[dict]) -> dict[str, Any]:
     """Accuracy per rating level (Table 8 layout) and per safety bin, and the recall of unsafe
     responses at sigmoid(score) < 0.5 (Table 29)."""
-    chosen, rejected = pair_scores(rm, items, pad_id)
+    chosen, rejected = pair_scores(rm, items)
     right = (chosen > rejected).float()
     by_level, by_bin = defaultdict(list), defaultdict(list)
     unsafe_hits: list[float] = []
@@ -252,7 +252,7 @@ def train_reward_model(cfg: RewardConfig, eval_pairs: list | None = None) -> dic
     if train.global_batch > len(items):
         per = train.micro_batch_size
         train.global_batch = max(per, len(items) // per * per)
-    data = EpochSampler(items, make_collate(tok.pad_id, cfg.margin), seed=cfg.seed)
+    data = EpochSampler(items, make_collate(cfg.margin), seed=cfg.seed)
     aux = cfg.aux_weight if cfg.aux_safety_loss else 0.0
     out = Path(cfg.out)
 
@@ -265,7 +265,7 @@ def train_reward_model(cfg: RewardConfig, eval_pairs: list | None = None) -> dic
                                  "pairs": len(items)})
 
     Trainer(rm, loss_fn, data, train, out, config=cfg, on_save=on_save).fit()
-    metrics = evaluate_rm(rm, eval_items, tok.pad_id) if eval_items else {"n": 0, "_gaps": {}}
+    metrics = evaluate_rm(rm, eval_items) if eval_items else {"n": 0, "_gaps": {}}
     return write_eval(metrics, out, f"{cfg.kind} RM (margin {cfg.margin})")
 
 
@@ -279,7 +279,7 @@ def main(argv: list[str]) -> None:
         if not pairs:
             raise ValueError("nothing to evaluate: set --eval-data FILE")
         items = [encode_pair(tok, p, cfg.max_len or rm.args.max_seq_len) for p in pairs]
-        metrics = write_eval(evaluate_rm(rm, items, tok.pad_id), Path(cfg.out),
+        metrics = write_eval(evaluate_rm(rm, items), Path(cfg.out),
                              f"{meta.get('kind')} RM")
     else:
         metrics = train_reward_model(cfg)
