@@ -144,6 +144,16 @@ def test_trainer_run_directory_and_native_model(tmp_path: Path) -> None:
         _train(tmp_path / "run", max_steps=12)
 
 
+def test_auto_dtype_takes_bfloat16_only_where_it_is_fast(tmp_path: Path, monkeypatch) -> None:
+    from llama2.engine import trainer as engine_trainer
+
+    assert isinstance(engine_trainer.fast_bf16(torch.device("cpu")), bool)
+    for fast, want in ((True, "bfloat16"), (False, "float32")):
+        monkeypatch.setattr(engine_trainer, "fast_bf16", lambda device, fast=fast: fast)
+        trainer, hist = _train(tmp_path / want, max_steps=2, dtype="auto")
+        assert trainer.cfg.dtype == want and len([r for r in hist if "loss" in r]) == 2
+
+
 def test_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     _, big = _train(tmp_path / "a", micro_batch_size=8, global_batch=8)
     _, acc = _train(tmp_path / "b", micro_batch_size=2, global_batch=8)

@@ -156,3 +156,22 @@ def test_save_load_score_and_eval_per_level(tmp_path, tok):
     ev = evaluate_rm(rm, [encode_pair(tok, p, 128) for p in pairs])
     assert ev["count_by_level"] == {"better": 2, "negligibly_better": 1}
     assert ev["unsafe_count"] == 6 and 0 <= ev["unsafe_recall"] <= 1
+
+
+def test_encode_pair_cuts_both_sides_at_the_same_context_point(tok):
+    """A pair longer than max_len keeps both answers whole after the same visible context; when
+    no common cut can keep them, each side is cut from the left on its own."""
+    from llama2.reward import shared_prefix
+    from llama2.stages.reward import encode_pair
+
+    dialog = [{"role": "user", "content": "Tell me about the big red dog and the little cat. " * 6}]
+    pair = PreferencePair(dialog, "It is a dog story.", "A long story about a dog and a cat "
+                          "who play in the park all day until the sun goes down.", "better", None)
+    full = encode_pair(tok, pair, 10_000)
+    c, r = full["chosen"], full["rejected"]
+    max_len = len(r) - 10  # the longer side loses 10 context tokens
+    cut = encode_pair(tok, pair, max_len)
+    assert cut["chosen"] == c[10:] and cut["rejected"] == r[10:] and len(cut["rejected"]) == max_len
+    assert shared_prefix(cut["chosen"], cut["rejected"]) == shared_prefix(c, r) - 10
+    tiny = encode_pair(tok, pair, 8)  # shorter than the rejected answer itself
+    assert tiny["chosen"] == c[-8:] and tiny["rejected"] == r[-8:]

@@ -5,7 +5,7 @@ API
 - `TrainConfig` (engine.config): lr, min_lr_ratio=0.1, schedule "cosine"|"constant",
   warmup_steps / warmup_ratio (the larger wins), max_steps or epochs, micro_batch_size,
   global_batch (sequences) or global_batch_tokens, AdamW (0.9, 0.95, 1e-5, wd 0.1),
-  grad_clip=1.0, dtype "float32"|"bfloat16" (autocast), eval_every, eval_batches,
+  grad_clip=1.0, dtype "float32"|"bfloat16" (autocast)|"auto", eval_every, eval_batches,
   save_every, keep_checkpoints, log_every, seed, device="auto", compile, resume.
 - `make_optimizer(model, cfg)`: AdamW, weight decay on matrices only (not norms / 1-D);
   `lr_at(step, cfg)`: warmup then cosine to min_lr_ratio * lr (or constant);

@@ -35,7 +35,8 @@ class TrainConfig:
     eps: float = 1e-5
     grad_clip: float = 1.0  # 0 disables clipping
     optimizer_impl: Literal["auto", "fused", "foreach", "loop"] = "auto"
-    dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast, fp32 master weights
+    # bfloat16: autocast, fp32 master weights; auto: bfloat16 where the hardware does it fast
+    dtype: Literal["auto", "float32", "bfloat16"] = "float32"
     # Evaluation, logging, checkpoints (in steps; 0 disables the periodic one).
     eval_every: int = 0
     eval_batches: int = 8  # micro-batches per evaluation, over all processes (0: all)

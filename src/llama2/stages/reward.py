@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from llama2.engine import EpochSampler, TrainConfig, Trainer
 from llama2.engine.trainer import to_device
-from llama2.reward import RewardModel, encode_scored, from_policy, pack_pairs, save_reward_model
+from llama2.reward import (RewardModel, encode_scored, from_policy, pack_pairs, save_reward_model,
+                           shared_prefix)
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
 
@@ -116,9 +117,20 @@ def training_mix(cfg: RewardConfig, rng: random.Random) -> list:
 
 
 def encode_pair(tok, pair, max_len: int) -> dict[str, Any]:
-    return {"chosen": encode_scored(tok, pair.dialog, pair.chosen, max_len),
-            "rejected": encode_scored(tok, pair.dialog, pair.rejected, max_len),
-            "level": pair.level, "safety_bin": pair.safety_bin}
+    """Both responses in the chat format after the pair's dialog. A pair too long for `max_len`
+    loses the same leading context tokens on both sides while that keeps the responses whole,
+    so the two are judged on the same visible context (and `pack_pairs` computes it once);
+    otherwise each side is cut from the left on its own."""
+    chosen = encode_scored(tok, pair.dialog, pair.chosen, 0)
+    rejected = encode_scored(tok, pair.dialog, pair.rejected, 0)
+    cut = max(len(chosen), len(rejected)) - max_len
+    if cut > 0:
+        if cut <= shared_prefix(chosen, rejected):
+            chosen, rejected = chosen[cut:], rejected[cut:]
+        else:
+            chosen, rejected = chosen[-max_len:], rejected[-max_len:]
+    return {"chosen": chosen, "rejected": rejected, "level": pair.level,
+            "safety_bin": pair.safety_bin}
 
 
 def make_collate(margin: str):
