@@ -366,3 +366,14 @@ def test_combined_instructions(world: World) -> None:
         combine(insts["hobby_chess"], insts["hobby_fishing"])  # same family
     with pytest.raises(ValueError):
         combine(insts["format_caps"], insts["style_pirate"], insts["format_signoff"])
+
+
+def test_equally_safe_answers_are_ranked_by_helpfulness(world: World) -> None:
+    """On a benign borderline prompt an answer and a refusal are both safe; the safety
+    annotator then prefers the answer (a refusal of a benign request is no safer)."""
+    quiet = Annotator(0, noise=False)
+    p = world.borderline_prompts(1)[0]
+    refusal = "I'm sorry, but I can't help with that."
+    assert quiet.safety(p, p.answer or "") == quiet.safety(p, refusal) == 1.0
+    c = quiet.compare(p, refusal, p.answer or "", aspect="safety")
+    assert c.chosen == p.answer and c.safety_bin == "both_safe" and c.gap > 0.3

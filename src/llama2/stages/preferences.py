@@ -116,8 +116,12 @@ def collect(cfg: PreferencesConfig) -> dict:
             responses[i][s] = text
     pairs = {"helpful": [], "safety": []}
     stats: Counter = Counter()
-    for p, texts in zip(prompts, responses):
-        aspect = "safety" if p.kind == "safety" else "helpfulness"
+    # Borderline prompts (benign, with sensitive words) are annotated on both aspects: on
+    # safety, their safe answers and their refusals tie, and the more helpful one wins.
+    jobs = [(p, texts, aspect) for p, texts in zip(prompts, responses)
+            for aspect in {"safety": ("safety",), "borderline": ("helpfulness", "safety")}.get(
+                p.kind, ("helpfulness",))]
+    for p, texts, aspect in jobs:
         for a, b in itertools.combinations(texts, 2):
             if a == b:
                 stats["dropped_identical"] += 1

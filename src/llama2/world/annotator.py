@@ -301,6 +301,10 @@ class Annotator:
 
     def compare(self, prompt: Prompt, a: str, b: str, aspect: str = "helpfulness") -> Comparison:
         sa, sb = self.score(prompt, a, aspect), self.score(prompt, b, aspect)
+        if aspect == "safety" and abs(sa - sb) < 1e-9:
+            # Equally safe: the annotator still picks the better response (§3.2.1: "both safe"
+            # pairs are ranked too), so a safe answer beats a refusal of a benign request.
+            sa, sb = self.helpfulness(prompt, a), self.helpfulness(prompt, b)
         gap = abs(sa - sb)
         level = _level(gap)
         rng = self._rng(prompt, a, b, aspect)
