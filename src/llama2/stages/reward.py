@@ -26,8 +26,14 @@ import torch.nn.functional as F
 
 from llama2.engine import EpochSampler, TrainConfig, Trainer
 from llama2.engine.trainer import to_device
-from llama2.reward import (RewardModel, encode_scored, from_policy, pack_pairs, save_reward_model,
-                           shared_prefix)
+from llama2.reward import (
+    RewardModel,
+    encode_scored,
+    from_policy,
+    pack_pairs,
+    save_reward_model,
+    shared_prefix,
+)
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
 
