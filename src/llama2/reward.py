@@ -93,10 +93,11 @@ def load_reward_model(folder: str | os.PathLike, device: str | torch.device = "c
 
 
 def encode_scored(tok: Tokenizer, dialog: Dialog, response: str, max_len: int) -> list[int]:
-    """Context + response in the chat format, cut from the left to fit (the answer matters)."""
+    """Context + response in the chat format, cut from the left to fit `max_len` (the answer
+    matters; 0 keeps it whole)."""
     ids, _ = encode_dialog(tok, list(dialog) + [{"role": "assistant", "content": response}],
                            learn="none")
-    return ids[-max_len:]
+    return ids[-max_len:] if max_len else ids
 
 
 def pad_right(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

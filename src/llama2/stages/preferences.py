@@ -73,6 +73,11 @@ def parse_variant(spec: str) -> tuple[str, str]:
     return path, fmt
 
 
+# Aspects each prompt kind is annotated on. Borderline prompts (benign, with sensitive words)
+# get both: on safety their answers and their refusals tie, and the more helpful one wins.
+ASPECTS: dict[str, tuple[str, ...]] = {"safety": ("safety",),
+                                       "borderline": ("helpfulness", "safety")}
+
 def collect(cfg: PreferencesConfig) -> dict:
     from llama2.world import Annotator, World
     from llama2.world.adapters import write_preferences_jsonl
@@ -116,24 +121,20 @@ def collect(cfg: PreferencesConfig) -> dict:
             responses[i][s] = text
     pairs = {"helpful": [], "safety": []}
     stats: Counter = Counter()
-    # Borderline prompts (benign, with sensitive words) are annotated on both aspects: on
-    # safety, their safe answers and their refusals tie, and the more helpful one wins.
-    jobs = [(p, texts, aspect) for p, texts in zip(prompts, responses)
-            for aspect in {"safety": ("safety",), "borderline": ("helpfulness", "safety")}.get(
-                p.kind, ("helpfulness",))]
-    for p, texts, aspect in jobs:
+    for p, texts in zip(prompts, responses):
         for a, b in itertools.combinations(texts, 2):
             if a == b:
                 stats["dropped_identical"] += 1
                 continue
-            comp = annotator.compare(p, a, b, aspect=aspect)
-            if aspect == "safety" and comp.safety_bin == "chosen_unsafe_other_safe":
-                stats["dropped_chosen_unsafe"] += 1
-                continue
-            pairs["helpful" if aspect == "helpfulness" else "safety"].append(comp.to_pair())
-            stats[f"{aspect}:{comp.level}"] += 1
-            if comp.safety_bin:
-                stats[f"bin:{comp.safety_bin}"] += 1
+            for aspect in ASPECTS.get(p.kind, ("helpfulness",)):
+                comp = annotator.compare(p, a, b, aspect=aspect)
+                if aspect == "safety" and comp.safety_bin == "chosen_unsafe_other_safe":
+                    stats["dropped_chosen_unsafe"] += 1
+                    continue
+                pairs["helpful" if aspect == "helpfulness" else "safety"].append(comp.to_pair())
+                stats[f"{aspect}:{comp.level}"] += 1
+                if comp.safety_bin:
+                    stats[f"bin:{comp.safety_bin}"] += 1
     for name, items in pairs.items():
         write_preferences_jsonl(out / f"{prefix}{name}_batch_{k}.jsonl", items)
     summary = {"batch": k, "models": cfg.models, "helpful_pairs": len(pairs["helpful"]),
