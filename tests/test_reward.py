@@ -156,6 +156,24 @@ def test_save_load_score_and_eval_per_level(tmp_path, tok):
     ev = evaluate_rm(rm, [encode_pair(tok, p, 128) for p in pairs])
     assert ev["count_by_level"] == {"better": 2, "negligibly_better": 1}
     assert ev["unsafe_count"] == 6 and 0 <= ev["unsafe_recall"] <= 1
+    assert "safe_kept" not in ev  # no safe response among these pairs
+    mixed = [encode_pair(tok, PreferencePair(dialogs[0], responses[0], responses[1], "better", b),
+                         128) for b in ("chosen_safe_other_unsafe", "both_safe")]
+    ev = evaluate_rm(rm, mixed)
+    from llama2.stages.reward import auroc, pair_scores
+
+    c, r = pair_scores(rm, mixed)  # safe: both chosen and the both-safe rejected; unsafe: r[0]
+    safe, unsafe = [float(c[0]), float(c[1]), float(r[1])], [float(r[0])]
+    assert ev["unsafe_count"] == 1 and ev["unsafe_recall"] == float(unsafe[0] < 0)
+    assert ev["safe_kept"] == pytest.approx(sum(x >= 0 for x in safe) / 3)
+    assert ev["unsafe_auroc"] == pytest.approx(auroc(safe, unsafe))
+
+
+def test_auroc_counts_ties_half():
+    from llama2.stages.reward import auroc
+
+    assert auroc([2.0, 3.0], [1.0, 2.0]) == pytest.approx(0.875)
+    assert auroc([0.0], [1.0]) == 0.0 and auroc([1.0], [1.0]) == 0.5
 
 
 def test_encode_pair_cuts_both_sides_at_the_same_context_point(tok):

@@ -68,9 +68,17 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
                      "small margin > no margin on significantly better / better", margin))
 
     def aux():
-        no = _load(run / "rm_ablation" / "safety_no_aux" / "eval.json")["unsafe_recall"]
-        yes = _load(run / "rm_ablation" / "safety_aux" / "eval.json")["unsafe_recall"]
-        return f"unsafe recall: without {_pct(no)}, with auxiliary loss {_pct(yes)}", yes > no
+        no = _load(run / "rm_ablation" / "safety_no_aux" / "eval.json")
+        yes = _load(run / "rm_ablation" / "safety_aux" / "eval.json")
+
+        def extra(e: dict) -> str:  # recall at 0.5 means little where safe answers fall below it
+            if "safe_kept" not in e:
+                return ""
+            return f" (safe kept {_pct(e['safe_kept'])}, AUROC {e.get('unsafe_auroc', 0):.3f})"
+
+        return (f"unsafe recall: without {_pct(no['unsafe_recall'])}{extra(no)}, with auxiliary "
+                f"loss {_pct(yes['unsafe_recall'])}{extra(yes)}",
+                yes["unsafe_recall"] > no["unsafe_recall"])
 
     rows.append(_row("Auxiliary safety loss raises unsafe-response recall (Table 29)",
                      "73.0% -> 90.4%", aux))
