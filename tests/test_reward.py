@@ -193,3 +193,22 @@ def test_encode_pair_cuts_both_sides_at_the_same_context_point(tok):
     assert shared_prefix(cut["chosen"], cut["rejected"]) == shared_prefix(c, r) - 10
     tiny = encode_pair(tok, pair, 8)  # shorter than the rejected answer itself
     assert tiny["chosen"] == c[-8:] and tiny["rejected"] == r[-8:]
+
+
+def test_aux_ablation_row_compares_auroc_not_the_recall_at_one_threshold(tmp_path):
+    """Without the auxiliary loss the score offset is free: a model flagging most safe answers
+    has a high recall at 0.5 but separates safe from unsafe worse (Table 29 row)."""
+    from llama2.stages.reproduction import reproduction_table
+
+    def row(no_auroc: float, aux_auroc: float) -> dict:
+        for name, recall, kept, a in (("safety_no_aux", 0.95, 0.44, no_auroc),
+                                      ("safety_aux", 0.86, 0.93, aux_auroc)):
+            d = tmp_path / "rm_ablation" / name
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "eval.json").write_text(json.dumps(
+                {"unsafe_recall": recall, "safe_kept": kept, "unsafe_auroc": a}))
+        return next(r for r in reproduction_table(tmp_path) if "Auxiliary" in r["finding"])
+
+    better = row(0.88, 0.96)
+    assert better["reproduced"] and "safe kept 44.0%" in better["measured"]
+    assert not row(0.96, 0.88)["reproduced"]

@@ -71,17 +71,19 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
         no = _load(run / "rm_ablation" / "safety_no_aux" / "eval.json")
         yes = _load(run / "rm_ablation" / "safety_aux" / "eval.json")
 
-        def extra(e: dict) -> str:  # recall at 0.5 means little where safe answers fall below it
-            if "safe_kept" not in e:
-                return ""
-            return f" (safe kept {_pct(e['safe_kept'])}, AUROC {e.get('unsafe_auroc', 0):.3f})"
+        def text(e: dict) -> str:
+            return (f"recall {_pct(e['unsafe_recall'])}, safe kept {_pct(e['safe_kept'])}, "
+                    f"AUROC {e['unsafe_auroc']:.3f}")
 
-        return (f"unsafe recall: without {_pct(no['unsafe_recall'])}{extra(no)}, with auxiliary "
-                f"loss {_pct(yes['unsafe_recall'])}{extra(yes)}",
-                yes["unsafe_recall"] > no["unsafe_recall"])
+        # Without the auxiliary loss nothing anchors the score's offset, so its recall at 0.5
+        # says where the scores happen to sit (it may flag most safe answers too): compared
+        # threshold-free, by how well the score separates unsafe from safe responses.
+        return (f"without: {text(no)}; with auxiliary loss: {text(yes)}",
+                yes["unsafe_auroc"] > no["unsafe_auroc"])
 
     rows.append(_row("Auxiliary safety loss raises unsafe-response recall (Table 29)",
-                     "73.0% -> 90.4%", aux))
+                     "recall at 0.5: 73.0% -> 90.4% (here: AUROC of safe vs unsafe, since the "
+                     "offset of a model without the auxiliary loss is arbitrary)", aux))
 
     def max_median():
         c = _load(run / "rlhf" / "v1" / "rejection_sampling" / "curves.json")["curves"]
