@@ -196,3 +196,30 @@ def test_sampler_follows_the_distribution_and_top_k():
     assert set(top2.tolist()) == {0, 1}
     greedy = sample_next(logits, torch.zeros(n, 1), ones, no_k, g)
     assert bool((greedy == 0).all())
+
+
+def test_decode_copies_follow_in_place_weight_updates():
+    """The blocked weight copies that decoding multiplies by are refilled for every generate
+    call: an in-place update (as an optimizer step makes, possibly without bumping the version
+    counter) shows in the next call's log-probabilities, which match a plain forward."""
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
+                              multiple_of=16, max_seq_len=64))
+    m.init_weights()
+    prompt = [1, 5, 9, 13]
+
+    def check():
+        out = generate(m, [prompt], max_new_tokens=6)
+        seq = torch.tensor([prompt + out.tokens[0]])
+        with torch.no_grad():
+            ref = torch.log_softmax(m(seq[:, :-1]).float(), -1)[0, len(prompt) - 1:]
+        want = ref.gather(-1, seq[0, len(prompt):].view(-1, 1)).view(-1)
+        assert torch.allclose(torch.tensor(out.logprobs[0]), want, atol=1e-4)
+        return out.logprobs[0]
+
+    before = check()
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.data.mul_(1.5)  # .data: no version-counter trace
+    assert check() != before

@@ -135,6 +135,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # only with autograd off and for matrices up to this size (a 7B model on CPU keeps its memory).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
 INFERENCE_BLOCKS = 4
+INFERENCE_BUFFER_KEEP_NUMEL = 16 * 2**20  # copies kept between blocks up to 64 MB (fp32)
 _COPIES: ContextVar[dict | None] = ContextVar("inference_copies", default=None)
 
 
@@ -165,7 +166,17 @@ def inference_weight(*linears: nn.Linear) -> torch.Tensor | None:
         w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
         n_out, n_in = w.shape
         blocks = INFERENCE_BLOCKS if n_out % INFERENCE_BLOCKS == 0 else 1
-        store[key] = w.view(blocks, n_out // blocks, n_in).transpose(1, 2).contiguous()
+        src = w.view(blocks, n_out // blocks, n_in).transpose(1, 2)
+        # The copy is made afresh for every block (the weights may have changed), but into
+        # memory kept on the layer where it is small: a fresh allocation of that size is paged
+        # in on first touch, which costs 2-3x the copy itself (18 vs 7 ms for a 32k x 288 head).
+        kept = linears[0].__dict__.setdefault("_inference_buffers", {})
+        buf = kept.get(key)
+        if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+            buf = torch.empty(src.shape, dtype=src.dtype)
+            if buf.numel() <= INFERENCE_BUFFER_KEEP_NUMEL:
+                kept[key] = buf
+        store[key] = buf.copy_(src)
     return store[key]
 
 
