@@ -128,11 +128,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # matmuls multiply by contiguous copies of the transposed (and, for q/k/v and w1/w3,
 # concatenated) weights, cut along the output dimension into INFERENCE_BLOCKS blocks
 # [blocks, in, out / blocks]: one batched product over the blocks runs them on all cores,
-# where the BLAS runs a decoding step's matrix-vector product (x [1-16, in]) on one core at
-# about half the memory bandwidth (15M config: the 32k-vocabulary projection 1.3 ms -> 0.5 ms
-# per token, the layers' products 1.5-1.9x). One product also replaces two or three. The
-# copies live only for the block (an optimizer may update weights in place without a trace),
-# only with autograd off and for matrices up to this size (a 7B model on CPU keeps its memory).
+# where the BLAS runs a decoding step's matrix-vector product (x [1-16, in]) on one core
+# (15M config, weights streamed from memory: the 32k-vocabulary projection 1.9 -> 1.4 ms per
+# token; bench_model batch-1 decoding 1.9x -> 2.5x transformers). One product also replaces
+# two or three. The copies are valid only for the block (an optimizer may update weights in
+# place without a trace), made only with autograd off and for matrices up to this size (a 7B
+# model on CPU keeps its memory).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
 INFERENCE_BLOCKS = 4
 INFERENCE_BUFFER_KEEP_NUMEL = 16 * 2**20  # copies kept between blocks up to 64 MB (fp32)
