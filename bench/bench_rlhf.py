@@ -88,11 +88,11 @@ class Ours:
             raise ValueError(f"only {len(self.ppo.pool)} prompts in the pool")
 
     def run(self, batches: list[list]) -> dict:
-        import llama2.stages.ppo as ppo_mod
+        import llama2.generation as gen_mod  # PPO's rollouts go through generation.reply
 
         gen_times: list[float] = []
         lengths: list[int] = []
-        real_generate = ppo_mod.generate
+        real_generate = gen_mod.generate
 
         def generate_fixed_length(*args, **kwargs):
             kwargs["eos_id"] = None  # exactly max_new_tokens per sample, like TRL's min_new_tokens
@@ -102,7 +102,7 @@ class Ours:
             lengths.extend(len(t) for t in out.tokens)
             return out
 
-        ppo_mod.generate = generate_fixed_length
+        gen_mod.generate = generate_fixed_length
         rollout, update = [], []
         try:
             for unique in batches:
@@ -116,7 +116,7 @@ class Ours:
                 rollout.append(t1 - t0)
                 update.append(t2 - t1)
         finally:
-            ppo_mod.generate = real_generate
+            gen_mod.generate = real_generate
         w = self.a.warmup
         return {"iter": [r + u for r, u in zip(rollout, update)][w:], "generate": gen_times[w:],
                 "scoring": [r - g for r, g in zip(rollout, gen_times)][w:], "new_tokens": lengths}
