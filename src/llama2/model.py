@@ -186,12 +186,10 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     w = inference_weight(*linears)
     if w is None:
         return tuple(lin(x) for lin in linears)
-    blocks, n_in, width = w.shape
-    rows = x.reshape(1, -1, n_in)
-    if blocks == 1:
-        out = (rows[0] @ w[0]).view(*x.shape[:-1], width)
-    else:  # [blocks, rows, width] -> [rows, blocks * width]
-        out = torch.bmm(rows.expand(blocks, -1, -1), w).transpose(0, 1).reshape(*x.shape[:-1], -1)
+    blocks, n_in, _ = w.shape
+    rows = x.reshape(1, -1, n_in).expand(blocks, -1, -1)
+    # [blocks, rows, width] -> [rows, blocks * width]
+    out = torch.bmm(rows, w).transpose(0, 1).reshape(*x.shape[:-1], -1)
     return out.split([lin.out_features for lin in linears], -1) if len(linears) > 1 else (out,)
 
 
