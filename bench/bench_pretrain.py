@@ -13,6 +13,9 @@ median step time of each. Memory: each loop alone in a child process, peak RSS a
 RSS before its model was built. The benchmark re-executes itself with GLIBC_TUNABLES set
 as in docs/platform-notes.md (glibc's default malloc costs up to 1.8x in training speed)
 unless it is already set, so both loops, and all children, run with the same allocator.
+Bound: the work no engine can skip (matrix products, attention, the cross-entropy's softmax,
+the AdamW step), each timed alone at its best, summed: a step faster than any engine could run
+here, printed as a ratio against the plain loop.
 
     python bench/bench_pretrain.py [--batch 8] [--steps 10] [--warmup 3] [--compile]
 """
@@ -52,13 +55,6 @@ def _model_args():
     from llama2.model import preset
 
     return preset("15M")  # dim 288, 6 layers, 6 heads, vocab 32000, max_seq_len 256
-
-
-def _batches(batch: int, vocab: int, n: int):
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    return [torch.randint(0, vocab, (batch, SEQ + 1), generator=g) for _ in range(n)]
 
 
 class Plain:
@@ -179,6 +175,77 @@ def speed(args: argparse.Namespace, kinds: list[str], dtype: str) -> dict[str, f
     return {k: args.batch * SEQ / statistics.median(v) for k, v in times.items()}
 
 
+def step_bound(batch: int, dtype: str) -> float:
+    """Seconds one training step needs at least on this machine: the sum of the work no engine
+    can skip, each piece timed alone at its best (min of repeats, outputs preallocated): the
+    matrix products (forward, input and weight gradients of every linear layer and of the
+    vocabulary projection), attention forward+backward (the fastest of SDPA's kernels and a
+    plain matmul-softmax-matmul), the cross-entropy's softmax over the [tokens, vocab] logits
+    (log-softmax and its exp, in place, fp32) and the fused AdamW step. Everything else (norms,
+    rotary, SwiGLU, casts) counts as free, so bound / the plain loop's step time is more than
+    any engine could show here."""
+    import torch
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    dt = getattr(torch, dtype)
+    a = _model_args()
+    n, d, h, v = batch * SEQ, a.dim, a.ffn_hidden_dim, a.vocab_size
+    kv = a.n_kv_heads * a.head_dim
+
+    def best(f, reps: int = 8) -> float:
+        f()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    def mm(m: int, k: int, cols: int) -> float:
+        x, y = torch.randn(m, k, dtype=dt), torch.randn(k, cols, dtype=dt)
+        out = torch.empty(m, cols, dtype=dt)
+        return best(lambda: torch.mm(x, y, out=out))
+
+    layer = sum(mm(n, i, o) + mm(n, o, i) + mm(o, n, i)  # forward, grad input, grad weight
+                for i, o in ((d, d + 2 * kv), (d, d), (d, 2 * h), (h, d)))
+    head = mm(n, d, v) + mm(n, v, d) + mm(v, n, d)
+    q = torch.randn(batch, a.n_heads, SEQ, a.head_dim, dtype=dt, requires_grad=True)
+    k, val = (torch.randn(batch, a.n_heads, SEQ, a.head_dim, dtype=dt, requires_grad=True)
+              for _ in range(2))
+    causal = torch.ones(SEQ, SEQ, dtype=torch.bool).tril()
+
+    def sdpa(backend: SDPBackend) -> float:
+        with sdpa_kernel(backend):
+            return best(lambda: F.scaled_dot_product_attention(q, k, val, is_causal=True)
+                        .sum().backward())
+
+    def plain() -> None:
+        s = (q @ k.transpose(-1, -2) * a.head_dim ** -0.5).masked_fill(~causal, float("-inf"))
+        (torch.softmax(s.float(), -1).to(dt) @ val).sum().backward()
+
+    attention = min(sdpa(SDPBackend.FLASH_ATTENTION), sdpa(SDPBackend.MATH), best(plain))
+    logits = torch.randn(n, v)
+    softmax = best(lambda: torch.log_softmax(logits, -1, out=logits).exp_())
+    params = [torch.zeros(p.shape) for p in _plain_params()]
+    grads, m1, m2 = ([torch.zeros_like(p) for p in params] for _ in range(3))
+    steps = [torch.tensor(1.0) for _ in params]
+    adamw = best(lambda: torch._fused_adamw_(params, grads, m1, m2, [], steps, lr=1e-4,
+                                             beta1=0.9, beta2=0.95, weight_decay=0.1, eps=1e-5,
+                                             amsgrad=False, maximize=False))
+    return a.n_layers * (layer + attention) + head + softmax + adamw
+
+
+def _plain_params():
+    """The parameter shapes of the 15M model, without building it."""
+    import torch
+
+    from llama2.model import Transformer
+
+    with torch.device("meta"):
+        return list(Transformer(_model_args()).parameters())
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--batch", type=int, default=8)
@@ -217,6 +284,9 @@ def main() -> None:
             print(f"{dtype:<9} {name:<16} {tps[k]:>9,.0f} {tps[k] * fpt / peak:>6.1%} {m}")
         print(f"{dtype:<9} engine/transformers: {tps['engine'] / tps['plain']:.2f}x tokens/s, "
               f"{mem['engine'] / mem['plain']:.2f}x peak memory")
+        bound = args.batch * SEQ / step_bound(args.batch, dtype)
+        print(f"{dtype:<9} bound: the work no engine can skip allows at most {bound:,.0f} "
+              f"tokens/s = {bound / tps['plain']:.2f}x transformers")
         if args.compile:
             print(f"{dtype:<9} engine+compile/transformers: "
                   f"{tps['engine+compile'] / tps['plain']:.2f}x tokens/s")
