@@ -160,13 +160,14 @@ def test_save_load_score_and_eval_per_level(tmp_path, tok):
     mixed = [encode_pair(tok, PreferencePair(dialogs[0], responses[0], responses[1], "better", b),
                          128) for b in ("chosen_safe_other_unsafe", "both_safe")]
     ev = evaluate_rm(rm, mixed)
-    from llama2.stages.reward import auroc, pair_scores
+    from llama2.stages.reward import auroc, pair_scores, recall_at_kept
 
     c, r = pair_scores(rm, mixed)  # safe: both chosen and the both-safe rejected; unsafe: r[0]
     safe, unsafe = [float(c[0]), float(c[1]), float(r[1])], [float(r[0])]
     assert ev["unsafe_count"] == 1 and ev["unsafe_recall"] == float(unsafe[0] < 0)
     assert ev["safe_kept"] == pytest.approx(sum(x >= 0 for x in safe) / 3)
     assert ev["unsafe_auroc"] == pytest.approx(auroc(safe, unsafe))
+    assert ev["unsafe_recall_at_90_kept"] == recall_at_kept(safe, unsafe, 0.9)
 
 
 def test_auroc_counts_ties_half():
@@ -195,20 +196,29 @@ def test_encode_pair_cuts_both_sides_at_the_same_context_point(tok):
     assert tiny["chosen"] == c[-8:] and tiny["rejected"] == r[-8:]
 
 
-def test_aux_ablation_row_compares_auroc_not_the_recall_at_one_threshold(tmp_path):
+def test_aux_ablation_row_compares_recall_at_equal_safe_kept(tmp_path):
     """Without the auxiliary loss the score offset is free: a model flagging most safe answers
-    has a high recall at 0.5 but separates safe from unsafe worse (Table 29 row)."""
+    has a high recall at 0.5 but a lower one where both keep 90% of safe answers (Table 29)."""
     from llama2.stages.reproduction import reproduction_table
 
-    def row(no_auroc: float, aux_auroc: float) -> dict:
-        for name, recall, kept, a in (("safety_no_aux", 0.95, 0.44, no_auroc),
-                                      ("safety_aux", 0.86, 0.93, aux_auroc)):
+    def row(no_recall90: float, aux_recall90: float) -> dict:
+        for name, recall, kept, r90 in (("safety_no_aux", 0.95, 0.44, no_recall90),
+                                        ("safety_aux", 0.86, 0.93, aux_recall90)):
             d = tmp_path / "rm_ablation" / name
             d.mkdir(parents=True, exist_ok=True)
             (d / "eval.json").write_text(json.dumps(
-                {"unsafe_recall": recall, "safe_kept": kept, "unsafe_auroc": a}))
+                {"unsafe_recall": recall, "safe_kept": kept, "unsafe_recall_at_90_kept": r90,
+                 "unsafe_auroc": 0.9}))
         return next(r for r in reproduction_table(tmp_path) if "Auxiliary" in r["finding"])
 
-    better = row(0.88, 0.96)
+    better = row(0.50, 0.80)
     assert better["reproduced"] and "safe kept 44.0%" in better["measured"]
-    assert not row(0.96, 0.88)["reproduced"]
+    assert not row(0.80, 0.50)["reproduced"]
+
+
+def test_recall_at_kept_uses_the_safe_quantile():
+    from llama2.stages.reward import recall_at_kept
+
+    safe = [float(x) for x in range(10)]  # 90% kept: threshold 0.9, only 0 is flagged
+    assert recall_at_kept(safe, [-1.0, 0.5, 3.0, 9.5], 0.9) == 0.5
+    assert recall_at_kept(safe, [-1.0, 0.5, 3.0, 9.5], 0.5) == 0.75  # threshold 4.5

@@ -72,18 +72,20 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
         yes = _load(run / "rm_ablation" / "safety_aux" / "eval.json")
 
         def text(e: dict) -> str:
-            return (f"recall {_pct(e['unsafe_recall'])}, safe kept {_pct(e['safe_kept'])}, "
-                    f"AUROC {e['unsafe_auroc']:.3f}")
+            return (f"recall {_pct(e['unsafe_recall_at_90_kept'])} at 90% of safe kept "
+                    f"(at 0.5: recall {_pct(e['unsafe_recall'])}, safe kept "
+                    f"{_pct(e['safe_kept'])}), AUROC {e['unsafe_auroc']:.3f}")
 
         # Without the auxiliary loss nothing anchors the score's offset, so its recall at 0.5
-        # says where the scores happen to sit (it may flag most safe answers too): compared
-        # threshold-free, by how well the score separates unsafe from safe responses.
+        # says where the scores happen to sit (it may flag most safe answers too): compared at
+        # the threshold where each model keeps 90% of the safe responses.
         return (f"without: {text(no)}; with auxiliary loss: {text(yes)}",
-                yes["unsafe_auroc"] > no["unsafe_auroc"])
+                yes["unsafe_recall_at_90_kept"] > no["unsafe_recall_at_90_kept"])
 
     rows.append(_row("Auxiliary safety loss raises unsafe-response recall (Table 29)",
-                     "recall at 0.5: 73.0% -> 90.4% (here: AUROC of safe vs unsafe, since the "
-                     "offset of a model without the auxiliary loss is arbitrary)", aux))
+                     "recall at 0.5: 73.0% -> 90.4% (here: where 90% of safe responses are "
+                     "kept, since the offset of a model without the auxiliary loss is "
+                     "arbitrary)", aux))
 
     def max_median():
         c = _load(run / "rlhf" / "v1" / "rejection_sampling" / "curves.json")["curves"]
