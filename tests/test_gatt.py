@@ -106,6 +106,28 @@ def test_sampling_keeps_checked_samples_and_falls_back(tiny):
     assert all(all(r["accepted"]) for r in records)
 
 
+def test_neutral_system_messages_keep_the_policy_answers(tiny, monkeypatch):
+    tok, path = tiny
+    loaded = gatt.load_policy(str(path), "cpu")
+    pool = gatt.load_instructions("world")
+    cfg = gatt.GAttConfig(n_dialogs=40, min_turns=1, max_turns=2, k=1, max_new_tokens=8,
+                          seq_len=256, neutral_share=0.5)
+    plans = gatt.plan_dialogs(cfg, pool)
+    neutral = [p for p in plans if p.instruction.family == "neutral"]
+    assert 8 <= len(neutral) <= 32  # about half
+    assert {p.instruction for p in neutral} <= set(gatt.NEUTRAL_SYSTEM)
+    records, _ = gatt.sample_gatt_dialogs(loaded, neutral, cfg)
+    for r in records:  # any finished answer is kept as it is (nothing to apply)
+        assert all(a.strip() for a in r["answers"]) and r["inst"] in {
+            x for n in gatt.NEUTRAL_SYSTEM for x in (n.verbose, n.terse)}
+    assert gatt.plan_dialogs(gatt.GAttConfig(n_dialogs=40, neutral_share=0.0), pool)[0] \
+        .instruction.family != "neutral"
+    # The marker rate: answers under a neutral system message that obey some instruction.
+    monkeypatch.setattr(gatt, "respond", lambda loaded, d, *a, **k: [
+        "Arr matey! It is 7." if i % 4 == 0 else "It is 7." for i in range(len(d))])
+    assert gatt.marker_rate(loaded, pool, n_tasks=10) == pytest.approx(0.25)
+
+
 def test_fit_context_keeps_the_system_message(tiny):
     tok, _ = tiny
     d = [{"role": "system", "content": "Figure: wizard"}]
@@ -180,6 +202,7 @@ def test_gatt_stage_end_to_end(tiny, tmp_path):
                                             micro_batch_size=4, progress=False, device="cpu"))
     summary = gatt.run(cfg)
     out = tmp_path / "gatt"
+    assert all(0 <= summary["eval"]["neutral_marker_rate"][k] <= 1 for k in ("before", "after"))
     assert (out / "model" / "config.json").is_file() and (out / "samples.jsonl").is_file()
     data = json.loads((out / "adherence.json").read_text())
     for key in ("before", "after"):

@@ -24,6 +24,11 @@ Project choices (the paper is silent; tested in tests/test_gatt.py):
   unfamiliar instruction trails the question; training on those taught garbage in a probe),
   else the world's gold answer; "drop" ends the dialog at the turn before.
   `require_check = false` keeps the first sample unchecked (the paper's setting).
+- With `neutral_share`, that share of the dialogs carries a system message that asks nothing
+  of the answer's form (`NEUTRAL_SYSTEM`: Llama 2's default system prompt, "You are a helpful
+  assistant.") and learns the policy's own answers there, so that a system message alone does
+  not mean "open with a persona phrase". The evaluation reports, before and after, the share of
+  answers under a neutral system message that carry some instruction's marker.
 - Evaluation dialogs of 20 turns do not fit a tiny model's context: the prompt keeps the system
   message and drops the oldest (user, assistant) pairs until it fits (the system message then
   folds into the oldest kept user turn, the chat format of §2). The turn index still counts
@@ -104,6 +109,19 @@ class FileInstruction:
 
     def apply(self, answer: str) -> str:
         return " ".join(s for s in (self.prefix, answer.strip(), self.suffix) if s)
+
+
+# System messages that ask nothing of an answer's form. Without such dialogs a 1M model tuned
+# on GAtt read every system message as "open with a persona phrase": under context
+# distillation's safety preprompt it answered "Arr matey! First, mix flour ..." (84% of its
+# distilled answers to adversarial prompts were violations, against 3% without the preprompt).
+NEUTRAL_SYSTEM: tuple[FileInstruction, ...] = (
+    FileInstruction("neutral_helpful", "neutral", "You are a helpful assistant.",
+                    "Be helpful."),
+    FileInstruction("neutral_llama", "neutral",
+                    "You are a helpful, respectful and honest assistant. Always answer as "
+                    "helpfully as possible, while being safe.", "Be helpful and safe."),
+)
 
 
 def load_instructions(source: str = "world") -> list[Persistent]:
@@ -251,8 +269,9 @@ def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
         tasks = world_tasks(cfg.world_seed, cfg.n_dialogs * cfg.max_turns, "train")
         for _ in range(cfg.n_dialogs):
             n = rng.randint(cfg.min_turns, cfg.max_turns)
-            plans.append(Plan(random_instruction(pool, rng, cfg.combo_share),
-                              rng.random() < cfg.terse_share, rng.sample(tasks, n)))
+            inst = rng.choice(NEUTRAL_SYSTEM) if rng.random() < cfg.neutral_share else \
+                random_instruction(pool, rng, cfg.combo_share)
+            plans.append(Plan(inst, rng.random() < cfg.terse_share, rng.sample(tasks, n)))
     for path in files:  # real multi-turn dialogs: their user turns in order
         for d in load_dialogs(path):
             users = [m["content"] for m in d if m["role"] == "user"][: cfg.max_turns]
@@ -277,6 +296,7 @@ class GAttConfig:
     max_turns: int = 8
     combo_share: float = 0.25  # random combinations of two instructions (§3.3)
     terse_share: float = 0.5  # terse phrasing ("Figure: wizard") half the time (§3.3)
+    neutral_share: float = 0.0  # dialogs under a system message that asks for nothing
     k: int = 4  # samples per turn; the first accepted one is kept
     temperature: float = 0.8
     max_new_tokens: int = 40
@@ -447,6 +467,21 @@ def adherence_detail(model: Any, instructions: list[Persistent] | None = None, t
             "transcripts": first}
 
 
+def marker_rate(model: Any, instructions: list[Persistent], n_tasks: int = 40,
+                world_seed: int = 0, max_new_tokens: int = 32, device: str = "auto") -> float:
+    """Share of greedy answers to held-out tasks under a neutral system message that some
+    instruction's checker accepts (an instruction obeyed that nobody gave). Instructions whose
+    checker a plain answer may pass by itself (formats, checks that accept anything) are
+    left out."""
+    loaded = _loaded(model, device)
+    marked = [i for i in instructions if i.family not in ("format", "custom", "neutral")]
+    tasks = world_tasks(world_seed, 2 * n_tasks, "eval")[:n_tasks]
+    dialogs = [[{"role": "system", "content": s.verbose}, {"role": "user", "content": t.user}]
+               for s in NEUTRAL_SYSTEM for t in tasks]
+    texts = respond(loaded, dialogs, 0.0, max_new_tokens)
+    return sum(any(i.check(a) for i in marked) for a in texts) / max(1, len(texts))
+
+
 def adherence(model: Any, instructions: list[Persistent] | None = None, turns: int = 20,
               n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
               device: str = "auto", context: int = 0) -> dict[str, list[float]]:
@@ -582,7 +617,10 @@ def evaluate(before: Any, after: Any, out: str | Path, instructions: list[Persis
                                    context=context) for k, m in models.items()}
     data = {k: d["family"] for k, d in details.items()}
     report = {**data, "turns": turns, "n_dialogs": n_dialogs, "context": context,
-              "by_instruction": {k: d["instruction"] for k, d in details.items()}}
+              "by_instruction": {k: d["instruction"] for k, d in details.items()},
+              "neutral_marker_rate": {k: marker_rate(m, instructions, world_seed=world_seed,
+                                                     max_new_tokens=max_new_tokens)
+                                      for k, m in models.items()}}
     atomic_write_text(out / "adherence.json", json.dumps(report, indent=2) + "\n")
     write_jsonl(out / "adherence_transcripts.jsonl",
                 [{"model": k, "instruction": n, "dialog": t}
@@ -595,7 +633,8 @@ def evaluate(before: Any, after: Any, out: str | Path, instructions: list[Persis
     atomic_write_text(out / "attention.json",
                       json.dumps({**att, "dialog": dialog}, indent=1) + "\n")
     plot_attention(att, out / "attention.png")
-    return {"adherence": data, "attention_per_layer": {k: a["per_layer"] for k, a in att.items()}}
+    return {"adherence": data, "neutral_marker_rate": report["neutral_marker_rate"],
+            "attention_per_layer": {k: a["per_layer"] for k, a in att.items()}}
 
 
 # ---------------------------------------------------------------------------- the stage
@@ -632,5 +671,7 @@ def main(argv: list[str]) -> None:
     if "eval" in summary:
         for key in ("before", "after"):
             last = {f: round(v[-1], 3) for f, v in summary["eval"]["adherence"][key].items()}
-            print(f"adherence at turn {cfg.eval_turns} {key} GAtt: {last}")
+            print(f"adherence at turn {cfg.eval_turns} {key} GAtt: {last}; answers under a "
+                  f"neutral system message with an instruction's marker: "
+                  f"{summary['eval']['neutral_marker_rate'][key]:.1%}")
     print(f"GAtt model written to {Path(cfg.out) / 'model'}")
