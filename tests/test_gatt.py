@@ -212,3 +212,19 @@ def test_gatt_stage_end_to_end(tiny, tmp_path):
     assert len(att["after"]["per_layer"]) == 2
     assert (out / "adherence.png").is_file() and (out / "attention.png").is_file()
     assert summary["dialogs"] > 0
+
+
+def test_gatt_reproduction_row_reports_the_neutral_marker_rate(tmp_path):
+    from llama2.stages.reproduction import reproduction_table
+
+    def row(after: float, markers: dict | None) -> dict:
+        data = {"before": {"figure": [0.0, 0.1]}, "after": {"figure": [1.0, after]}}
+        if markers is not None:
+            data["neutral_marker_rate"] = markers
+        (tmp_path / "gatt").mkdir(exist_ok=True)
+        (tmp_path / "gatt" / "adherence.json").write_text(json.dumps(data))
+        return next(r for r in reproduction_table(tmp_path) if r["finding"].startswith("GAtt"))
+
+    r = row(0.95, {"before": 0.0, "after": 0.05})
+    assert r["reproduced"] and "neutral system message 0.0%->5.0%" in r["measured"]
+    assert not row(0.5, None)["reproduced"] and "neutral" not in row(0.5, None)["measured"]

@@ -165,6 +165,10 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
         after = {f: v[-1] for f, v in a["after"].items()}
         before = {f: v[-1] for f, v in a["before"].items()}
         text = ", ".join(f"{f} {_pct(before[f])}->{_pct(after[f])}" for f in after)
+        if "neutral_marker_rate" in a:  # an obeyed instruction nobody gave
+            m = a["neutral_marker_rate"]
+            text += (f"; answers with an instruction's marker under a neutral system message "
+                     f"{_pct(m['before'])}->{_pct(m['after'])}")
         return (f"turn {len(next(iter(a['after'].values())))}: {text}",
                 all(v >= 0.9 for v in after.values())
                 and sum(before.values()) < sum(after.values()))
