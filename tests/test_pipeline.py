@@ -53,6 +53,8 @@ def test_quick_pipeline_resumes_after_a_kill_and_writes_every_output(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "pretrain" / "model" / "model.safetensors").stat().st_mtime == pretrain_mtime
     assert r.stderr.count("(already done: skipped)") >= 4  # world, tokenizer, pretrain, SFT
+    times = json.loads((out / "stage_times.json").read_text())
+    assert times["pretraining"] > 1.0  # the time of the killed run that did it, not the skip
     missing = [p for p in STAGE_OUTPUTS if not (out / p).is_file()]
     assert not missing, f"missing outputs: {missing}"
     rows = json.loads((out / "reproduction.json").read_text())

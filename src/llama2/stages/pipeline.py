@@ -345,17 +345,21 @@ class Pipeline:
         config_mod.save(self.cfg, self.out / "pipeline_config.json")
         stages = self.stage_list()
         progress = Progress([(name, w) for name, _, w in stages])
-        times = {}
+        # Seconds per stage, written after each one; a stage skipped on resume keeps the time
+        # of the run that did it.
+        times_path = self.out / "stage_times.json"
+        times = json.loads(times_path.read_text()) if times_path.is_file() else {}
         for i, (name, fn, _) in enumerate(stages):
             progress.start(i)
             t = time.perf_counter()
             skipped = fn()
-            times[name] = round(time.perf_counter() - t, 1)
+            if not skipped or name not in times:
+                times[name] = round(time.perf_counter() - t, 1)
+            atomic_write_text(times_path, json.dumps(times, indent=2) + "\n")
             progress.finish(i, skipped)
             if skipped:
                 print("    (already done: skipped)", file=sys.stderr)
         atomic_write_text(self.out / "versions.json", json.dumps(self.versions, indent=2) + "\n")
-        atomic_write_text(self.out / "stage_times.json", json.dumps(times, indent=2) + "\n")
 
 
 def main(argv: list[str]) -> None:
