@@ -25,8 +25,8 @@ Project choices (the paper is silent; tested in tests/test_gatt.py):
   else the world's gold answer; "drop" ends the dialog at the turn before.
   `require_check = false` keeps the first sample unchecked (the paper's setting).
 - With `neutral_share`, that share of the dialogs carries a system message that asks nothing
-  of the answer's form (`NEUTRAL_SYSTEM`: Llama 2's default system prompt, "You are a helpful
-  assistant.") and learns the policy's own answers there, so that a system message alone does
+  of the answer's form (`NEUTRAL_SYSTEM`: the opening of Llama 2's default system prompt, "You
+  are a helpful assistant.") and learns the policy's own answers there, so that a system message alone does
   not mean "open with a persona phrase". The evaluation reports, before and after, the share of
   answers under a neutral system message that carry some instruction's marker.
 - Evaluation dialogs of 20 turns do not fit a tiny model's context: the prompt keeps the system
@@ -113,8 +113,8 @@ class FileInstruction:
 
 # System messages that ask nothing of an answer's form. Without such dialogs a 1M model tuned
 # on GAtt read every system message as "open with a persona phrase": under context
-# distillation's safety preprompt it answered "Arr matey! First, mix flour ..." (84% of its
-# distilled answers to adversarial prompts were violations, against 3% without the preprompt).
+# distillation's safety preprompt it answered "Arr matey! First, mix flour ..." (it refused 17%
+# of adversarial prompts under the preprompt, 98% without it).
 NEUTRAL_SYSTEM: tuple[FileInstruction, ...] = (
     FileInstruction("neutral_helpful", "neutral", "You are a helpful assistant.",
                     "Be helpful."),
