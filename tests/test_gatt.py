@@ -228,3 +228,16 @@ def test_gatt_reproduction_row_reports_the_neutral_marker_rate(tmp_path):
     r = row(0.95, {"before": 0.0, "after": 0.05})
     assert r["reproduced"] and "neutral system message 0.0%->5.0%" in r["measured"]
     assert not row(0.5, None)["reproduced"] and "neutral" not in row(0.5, None)["measured"]
+
+
+def test_replayed_demonstrations_follow_the_safety_share():
+    from llama2.stages.common import replay_demonstrations
+    from llama2.world import Annotator
+
+    def refusals(dialogs) -> int:
+        return sum(Annotator.is_refusal(d[-1]["content"]) for d in dialogs)
+
+    few, many = replay_demonstrations(0, 100, 0.02), replay_demonstrations(0, 100, 0.2)
+    assert len(few) == 102 and len(many) == 120
+    assert refusals(few) < refusals(many)
+    assert replay_demonstrations(0, 0) == []

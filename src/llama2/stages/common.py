@@ -46,8 +46,9 @@ def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
     return config.parse(cls, argv)
 
 
-def replay_demonstrations(world_seed: int, n: int) -> list:
-    """`n` of the world's helpful SFT demonstrations and a fifth as many safety ones, replayed
+def replay_demonstrations(world_seed: int, n: int, safety_share: float = 0.2) -> list:
+    """`n` of the world's helpful SFT demonstrations and `safety_share` as many safety ones
+    (refusals; keep it near the SFT mix, or the replay alone raises false refusals), replayed
     beside a later stage's own small fine-tuning set (Ghost Attention, distillation) so that
     it does not wash out the chat skills: the paper fine-tunes on such data as part of its
     larger mixture (§3.3)."""
@@ -55,7 +56,7 @@ def replay_demonstrations(world_seed: int, n: int) -> list:
         return []
     from llama2.world import World
 
-    return World(world_seed).demonstrations(n, n // 5, split="train")
+    return World(world_seed).demonstrations(n, round(n * safety_share), split="train")
 
 
 def stage_done(out: str | Path) -> bool:
