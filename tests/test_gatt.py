@@ -75,10 +75,14 @@ def test_gatt_training_dialog_learns_only_the_last_turn(tiny):
     assert [i + 1 for i in learned] == last_answer[1:] or [i + 1 for i in learned] == last_answer
 
 
-def test_sampling_keeps_checked_samples_and_falls_back(tiny):
-    tok, path = tiny
-    loaded = gatt.load_policy(str(path), "cpu")
-    pool = gatt.load_instructions("world")
+@pytest.fixture
+def policy_and_pool(tiny):
+    """The tiny policy loaded and the world's instruction pool."""
+    return gatt.load_policy(str(tiny[1]), "cpu"), gatt.load_instructions("world")
+
+
+def test_sampling_keeps_checked_samples_and_falls_back(policy_and_pool):
+    loaded, pool = policy_and_pool
     cfg = gatt.GAttConfig(n_dialogs=6, min_turns=1, max_turns=3, k=2, max_new_tokens=8,
                           seq_len=256, combo_share=0.5)
     plans = gatt.plan_dialogs(cfg, pool)
@@ -106,10 +110,8 @@ def test_sampling_keeps_checked_samples_and_falls_back(tiny):
     assert all(all(r["accepted"]) for r in records)
 
 
-def test_neutral_system_messages_keep_the_policy_answers(tiny, monkeypatch):
-    tok, path = tiny
-    loaded = gatt.load_policy(str(path), "cpu")
-    pool = gatt.load_instructions("world")
+def test_neutral_system_messages_keep_the_policy_answers(policy_and_pool, monkeypatch):
+    loaded, pool = policy_and_pool
     cfg = gatt.GAttConfig(n_dialogs=40, min_turns=1, max_turns=2, k=1, max_new_tokens=8,
                           seq_len=256, neutral_share=0.5)
     plans = gatt.plan_dialogs(cfg, pool)
