@@ -243,3 +243,18 @@ def test_replayed_demonstrations_follow_the_safety_share():
     assert len(few) == 102 and len(many) == 120
     assert refusals(few) < refusals(many)
     assert replay_demonstrations(0, 0) == []
+
+
+def test_instruction_weights_shift_the_dialog_mix():
+    pool = gatt.load_instructions("world")
+
+    def share(weights: dict[str, float]) -> float:
+        cfg = gatt.GAttConfig(n_dialogs=700, combo_share=0.0, instruction_weights=weights)
+        return sum(p.instruction.name == "format_caps" for p in gatt.plan_dialogs(cfg, pool)) / 700
+
+    base = share({})
+    assert 0.03 < base < 0.12  # one of 14
+    assert share({"format_caps": 4.0}) > 2.5 * base
+    assert share({"format_caps": 0.0}) == 0.0
+    with pytest.raises(ValueError, match="unknown instructions \\['format_cap'\\]"):
+        share({"format_cap": 2.0})

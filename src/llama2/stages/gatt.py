@@ -152,13 +152,17 @@ def load_instructions(source: str = "world") -> list[Persistent]:
     return out
 
 
-def random_instruction(pool: list[Persistent], rng: random.Random,
-                       combo_share: float) -> Persistent:
-    """One instruction, or (with probability combo_share) a combination of two (§3.3)."""
+def random_instruction(pool: list[Persistent], rng: random.Random, combo_share: float,
+                       weights: dict[str, float] | None = None) -> Persistent:
+    """One instruction, or (with probability combo_share) a combination of two (§3.3).
+    `weights`: relative chance per instruction name (1.0 where not named)."""
     from llama2.world import Instruction
     from llama2.world.instructions import combinable, combine
 
-    first = rng.choice(pool)
+    if weights:
+        first = rng.choices(pool, weights=[weights.get(p.name, 1.0) for p in pool])[0]
+    else:
+        first = rng.choice(pool)
     if rng.random() < combo_share and isinstance(first, Instruction):
         mates = [p for p in pool if isinstance(p, Instruction) and combinable(first, p)]
         if mates:
@@ -263,6 +267,14 @@ class Plan:
 
 def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
     rng = random.Random(f"gatt:{cfg.seed}")
+    weights = {k: float(v) for k, v in cfg.instruction_weights.items()}
+    unknown = sorted(set(weights) - {p.name for p in pool})
+    if unknown:
+        raise ValueError(f"gatt.instruction_weights: unknown instructions {unknown}; known: "
+                         f"{[p.name for p in pool]}")
+    if any(w < 0 for w in weights.values()) or weights and not any(
+            weights.get(p.name, 1.0) > 0 for p in pool):
+        raise ValueError("gatt.instruction_weights: weights must be >= 0, not all 0")
     plans: list[Plan] = []
     files = [s for s in cfg.dialogs if s != "world"]
     if "world" in cfg.dialogs:  # concatenations of unrelated single-turn tasks, 1..max_turns
@@ -270,13 +282,13 @@ def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
         for _ in range(cfg.n_dialogs):
             n = rng.randint(cfg.min_turns, cfg.max_turns)
             inst = rng.choice(NEUTRAL_SYSTEM) if rng.random() < cfg.neutral_share else \
-                random_instruction(pool, rng, cfg.combo_share)
+                random_instruction(pool, rng, cfg.combo_share, weights)
             plans.append(Plan(inst, rng.random() < cfg.terse_share, rng.sample(tasks, n)))
     for path in files:  # real multi-turn dialogs: their user turns in order
         for d in load_dialogs(path):
             users = [m["content"] for m in d if m["role"] == "user"][: cfg.max_turns]
             if users:
-                plans.append(Plan(random_instruction(pool, rng, cfg.combo_share),
+                plans.append(Plan(random_instruction(pool, rng, cfg.combo_share, weights),
                                   rng.random() < cfg.terse_share, [Task(u) for u in users]))
     if not plans:
         raise ValueError("no GAtt dialogs: check --dialogs")
@@ -295,6 +307,9 @@ class GAttConfig:
     min_turns: int = 1
     max_turns: int = 8
     combo_share: float = 0.25  # random combinations of two instructions (§3.3)
+    # Relative chance of each instruction (by name; 1.0 where not named): more dialogs for
+    # the instructions a model learns slowly.
+    instruction_weights: dict[str, float] = field(default_factory=dict)
     terse_share: float = 0.5  # terse phrasing ("Figure: wizard") half the time (§3.3)
     neutral_share: float = 0.0  # dialogs under a system message that asks for nothing
     k: int = 4  # samples per turn; the first accepted one is kept
@@ -317,7 +332,10 @@ class GAttConfig:
     evaluate: bool = True
     eval_turns: int = 20
     eval_dialogs: int = 4  # per instruction (half verbose, half terse)
-    eval_max_new_tokens: int = 32
+    # Room for a whole answer: an answer cut off loses an end-of-answer mark (the hobby
+    # mention, the sign-off). At 32 tokens the tiny run's hobby adherence read 75% (94% at 64,
+    # same model) and the sign-off 62% (100%).
+    eval_max_new_tokens: int = 64
     # Tokens the evaluation window may hold (0: the model's context). Set it to the length the
     # model was trained on (e.g. the pretraining seq_len) when that is below max_seq_len:
     # positions never trained make a tiny model ramble at late turns.
@@ -434,7 +452,7 @@ def eval_plans(instructions: list[Persistent], turns: int, n_dialogs: int,
 
 
 def adherence_detail(model: Any, instructions: list[Persistent] | None = None, turns: int = 20,
-                     n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
+                     n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 64,
                      device: str = "auto", context: int = 0) -> dict[str, Any]:
     """Greedy 20-turn dialogs with the instruction as system message; per turn whether the
     answer obeys. Returns {"family": {family: [share per turn]}, "instruction": {...},
@@ -469,7 +487,7 @@ def adherence_detail(model: Any, instructions: list[Persistent] | None = None, t
 
 
 def marker_rate(model: Any, instructions: list[Persistent], n_tasks: int = 40,
-                world_seed: int = 0, max_new_tokens: int = 32, device: str = "auto") -> float:
+                world_seed: int = 0, max_new_tokens: int = 64, device: str = "auto") -> float:
     """Share of greedy answers to held-out tasks under a neutral system message that some
     instruction's checker accepts (an instruction obeyed that nobody gave). Instructions whose
     checker a plain answer may pass by itself (formats, checks that accept anything) are
@@ -484,7 +502,7 @@ def marker_rate(model: Any, instructions: list[Persistent], n_tasks: int = 40,
 
 
 def adherence(model: Any, instructions: list[Persistent] | None = None, turns: int = 20,
-              n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
+              n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 64,
               device: str = "auto", context: int = 0) -> dict[str, list[float]]:
     """{family: [share of dialogs whose answer obeys the system instruction, turn 1..turns]}
     (the paper's Table 30). `model` is a checkpoint path or a loaded policy."""
@@ -607,7 +625,7 @@ def plot_attention(att: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def evaluate(before: Any, after: Any, out: str | Path, instructions: list[Persistent] | None = None,
-             turns: int = 20, n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 32,
+             turns: int = 20, n_dialogs: int = 4, world_seed: int = 0, max_new_tokens: int = 64,
              device: str = "auto", context: int = 0) -> dict[str, Any]:
     """Adherence before/after GAtt and the attention on the system message, as JSON and PNG."""
     out = Path(out)
