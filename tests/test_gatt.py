@@ -258,3 +258,5 @@ def test_instruction_weights_shift_the_dialog_mix():
     assert share({"format_caps": 0.0}) == 0.0
     with pytest.raises(ValueError, match="unknown instructions \\['format_cap'\\]"):
         share({"format_cap": 2.0})
+    with pytest.raises(ValueError, match="expected numbers"):
+        share({"format_caps": "many"})

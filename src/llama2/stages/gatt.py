@@ -267,7 +267,11 @@ class Plan:
 
 def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
     rng = random.Random(f"gatt:{cfg.seed}")
-    weights = {k: float(v) for k, v in cfg.instruction_weights.items()}
+    try:
+        weights = {k: float(v) for k, v in cfg.instruction_weights.items()}
+    except (TypeError, ValueError):
+        raise ValueError(f"gatt.instruction_weights: expected numbers, got "
+                         f"{cfg.instruction_weights}") from None
     unknown = sorted(set(weights) - {p.name for p in pool})
     if unknown:
         raise ValueError(f"gatt.instruction_weights: unknown instructions {unknown}; known: "
