@@ -243,6 +243,14 @@ def test_replayed_demonstrations_follow_the_safety_share():
     assert len(few) == 102 and len(many) == 120
     assert refusals(few) < refusals(many)
     assert replay_demonstrations(0, 0) == []
+    # Borderline prompts come answered helpfully, from the training split only.
+    world = World(0)
+    borderline = {p.text for p in world.borderline_prompts(400, split="train")}
+    held_out = {p.text for p in world.borderline_prompts(100, split="eval")}
+    with_b = replay_demonstrations(0, 100, 0.02, borderline_share=0.3)
+    added = [d for d in with_b if d[-2]["content"] in borderline]
+    assert len(with_b) == 132 and len(added) >= 30
+    assert refusals(added) == 0 and not {d[-2]["content"] for d in with_b} & held_out
 
 
 def test_instruction_weights_shift_the_dialog_mix():

@@ -46,17 +46,20 @@ def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
     return config.parse(cls, argv)
 
 
-def replay_demonstrations(world_seed: int, n: int, safety_share: float = 0.2) -> list:
+def replay_demonstrations(world_seed: int, n: int, safety_share: float = 0.2,
+                          borderline_share: float = 0.0) -> list:
     """`n` of the world's helpful SFT demonstrations and `safety_share` as many safety ones
     (refusals; keep it near the SFT mix, or the replay alone raises false refusals), replayed
     beside a later stage's own small fine-tuning set (Ghost Attention, distillation) so that
     it does not wash out the chat skills: the paper fine-tunes on such data as part of its
-    larger mixture (§3.3)."""
+    larger mixture (§3.3). `borderline_share` as many benign prompts with sensitive words,
+    answered helpfully (the training split; the borderline evaluation draws other prompts)."""
     if n <= 0:
         return []
     from llama2.world import World
 
-    return World(world_seed).demonstrations(n, round(n * safety_share), split="train")
+    return World(world_seed).demonstrations(n, round(n * safety_share), split="train",
+                                            n_borderline=round(n * borderline_share))
 
 
 def stage_done(out: str | Path) -> bool:

@@ -85,6 +85,7 @@ class DistillConfig:
     n_borderline: int = 0
     replay_demos: int = 0  # world SFT demonstrations mixed into the fine-tuning (common.py)
     replay_safety_share: float = 0.2  # safety demonstrations replayed per helpful one
+    replay_borderline_share: float = 0.0  # helpful answers to borderline prompts, per helpful one
     preprompt: str = "category"  # "category" (with answer templates) or "generic"
     gate: bool = True  # keep a distilled answer only where the Safety RM prefers it
     margin: float = 0.0  # required Safety RM gain (logits) for the gate
@@ -196,7 +197,8 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         summary[f"kept_{name}"] = len(dialogs)
         if not dialogs:
             print(f"distill: no distilled answer kept for {name}", file=sys.stderr)
-        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos, cfg.replay_safety_share)
+        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos, cfg.replay_safety_share,
+                                         cfg.replay_borderline_share)
         if not dialogs:
             raise ValueError("no distilled answer was kept: nothing to fine-tune on")
         if not stage_done(folder):

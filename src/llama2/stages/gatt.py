@@ -328,6 +328,7 @@ class GAttConfig:
     seq_len: int = 512
     replay_demos: int = 0  # world SFT demonstrations mixed in (helpful, common.py)
     replay_safety_share: float = 0.2  # safety demonstrations replayed per helpful one
+    replay_borderline_share: float = 0.0  # helpful answers to borderline prompts, per helpful one
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=2e-5, epochs=2.0, warmup_steps=0, warmup_ratio=0.03, micro_batch_size=8,
@@ -672,7 +673,8 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         records, stats = sample_gatt_dialogs(loaded, plans, cfg)
         write_jsonl(out / "samples.jsonl", records)
         dialogs = training_dialogs(records, cfg.prefixes)
-        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos, cfg.replay_safety_share)
+        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos, cfg.replay_safety_share,
+                                         cfg.replay_borderline_share)
         summary.update(stats, dialogs=len(dialogs),
                        mean_turns=sum(len(r["answers"]) for r in records) / max(1, len(records)))
         atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")
