@@ -233,7 +233,7 @@ def test_gatt_reproduction_row_reports_the_neutral_marker_rate(tmp_path):
 
 
 def test_replayed_demonstrations_follow_the_safety_share():
-    from llama2.stages.common import replay_demonstrations
+    from llama2.stages.common import Replay, replay_demonstrations
     from llama2.world import Annotator
 
     def refusals(dialogs) -> int:
@@ -243,6 +243,7 @@ def test_replayed_demonstrations_follow_the_safety_share():
     assert len(few) == 102 and len(many) == 120
     assert refusals(few) < refusals(many)
     assert replay_demonstrations(0, 0) == []
+    assert Replay(100, 0.02).dialogs(0) == few  # the configs' form of the same call
     # Borderline prompts come answered helpfully, from the training split only.
     world = World(0)
     borderline = {p.text for p in world.borderline_prompts(400, split="train")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,14 +47,28 @@ def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
     return config.parse(cls, argv)
 
 
-def replay_demonstrations(world_seed: int, n: int, safety_share: float = 0.2,
-                          borderline_share: float = 0.0) -> list:
-    """`n` of the world's helpful SFT demonstrations and `safety_share` as many safety ones
-    (refusals; keep it near the SFT mix, or the replay alone raises false refusals), replayed
-    beside a later stage's own small fine-tuning set (Ghost Attention, distillation) so that
-    it does not wash out the chat skills: the paper fine-tunes on such data as part of its
-    larger mixture (§3.3). `borderline_share` as many benign prompts with sensitive words,
+@dataclass
+class Replay:
+    """The world's SFT demonstrations replayed beside a later stage's own small fine-tuning set
+    (Ghost Attention, distillation) so that it does not wash out the chat skills: the paper
+    fine-tunes on such data as part of its larger mixture (§3.3). `demos` helpful ones;
+    `safety_share` as many safety ones (refusals; keep it near the SFT mix, or the replay alone
+    raises false refusals); `borderline_share` as many benign prompts with sensitive words,
     answered helpfully (the training split; the borderline evaluation draws other prompts)."""
+
+    demos: int = 0
+    safety_share: float = 0.2
+    borderline_share: float = 0.0
+
+    def dialogs(self, world_seed: int) -> list[Dialog]:
+        return replay_demonstrations(world_seed, self.demos, self.safety_share,
+                                     self.borderline_share)
+
+
+def replay_demonstrations(world_seed: int, n: int, safety_share: float = 0.2,
+                          borderline_share: float = 0.0) -> list[Dialog]:
+    """`n` helpful demonstrations with `safety_share` and `borderline_share` as many safety and
+    borderline ones, from the world's training split (see `Replay`)."""
     if n <= 0:
         return []
     from llama2.world import World

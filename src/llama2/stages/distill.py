@@ -16,7 +16,7 @@ the ungated variant of Figure 16, whose answers turn vague and raise false refus
 
 Project choices: by default only adversarial prompts are distilled (targeted, as the paper);
 `n_helpful`/`n_borderline` add benign prompts (with sensitive words for borderline) the same
-way, with the generic preprompt, to study what untargeted distillation does. `replay_demos`
+way, with the generic preprompt, to study what untargeted distillation does. `replay`
 mixes SFT demonstrations into the fine-tuning so the small distillation set does not wash out
 helpfulness. Prompts whose distilled answer is not kept are left out of the training set.
 Answers are greedy (temperature 0) by default.
@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.engine import TrainConfig
-from llama2.stages.common import load_policy, parse_stage, replay_demonstrations, stage_done
+from llama2.stages.common import Replay, load_policy, parse_stage, stage_done
 from llama2.stages.safety import answer_prompts, evaluate_safety, without_lists
 from llama2.stages.sft import finetune
 from llama2.utils import atomic_write_text, write_jsonl
@@ -83,9 +83,7 @@ class DistillConfig:
     # prompts only).
     n_helpful: int = 0
     n_borderline: int = 0
-    replay_demos: int = 0  # world SFT demonstrations mixed into the fine-tuning (common.py)
-    replay_safety_share: float = 0.2  # safety demonstrations replayed per helpful one
-    replay_borderline_share: float = 0.0  # helpful answers to borderline prompts, per helpful one
+    replay: Replay = field(default_factory=Replay)  # SFT demonstrations mixed in
     preprompt: str = "category"  # "category" (with answer templates) or "generic"
     gate: bool = True  # keep a distilled answer only where the Safety RM prefers it
     margin: float = 0.0  # required Safety RM gain (logits) for the gate
@@ -197,8 +195,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
         summary[f"kept_{name}"] = len(dialogs)
         if not dialogs:
             print(f"distill: no distilled answer kept for {name}", file=sys.stderr)
-        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos, cfg.replay_safety_share,
-                                         cfg.replay_borderline_share)
+        dialogs += cfg.replay.dialogs(cfg.world_seed)
         if not dialogs:
             raise ValueError("no distilled answer was kept: nothing to fine-tune on")
         if not stage_done(folder):

@@ -67,10 +67,10 @@ from llama2.engine import TrainConfig
 from llama2.generation import generate, truncate_at_eos
 from llama2.model import apply_rope
 from llama2.stages.common import (
+    Replay,
     load_dialogs,
     load_policy,
     parse_stage,
-    replay_demonstrations,
     stage_done,
 )
 from llama2.stages.sft import finetune
@@ -161,7 +161,7 @@ def random_instruction(pool: list[Persistent], rng: random.Random, combo_share: 
 
     if weights:
         first = rng.choices(pool, weights=[weights.get(p.name, 1.0) for p in pool])[0]
-    else:
+    else:  # the same draws as before weights existed (earlier runs' dialogs stay the same)
         first = rng.choice(pool)
     if rng.random() < combo_share and isinstance(first, Instruction):
         mates = [p for p in pool if isinstance(p, Instruction) and combinable(first, p)]
@@ -265,20 +265,25 @@ class Plan:
         return self.instruction.terse if self.terse else self.instruction.verbose
 
 
-def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
-    rng = random.Random(f"gatt:{cfg.seed}")
+def instruction_weights(given: dict, pool: list[Persistent]) -> dict[str, float]:
+    """`gatt.instruction_weights` checked against the pool: numbers >= 0, known names, not all
+    instructions at 0."""
     try:
-        weights = {k: float(v) for k, v in cfg.instruction_weights.items()}
+        weights = {k: float(v) for k, v in given.items()}
     except (TypeError, ValueError):
-        raise ValueError(f"gatt.instruction_weights: expected numbers, got "
-                         f"{cfg.instruction_weights}") from None
+        raise ValueError(f"gatt.instruction_weights: expected numbers, got {given}") from None
     unknown = sorted(set(weights) - {p.name for p in pool})
     if unknown:
         raise ValueError(f"gatt.instruction_weights: unknown instructions {unknown}; known: "
                          f"{[p.name for p in pool]}")
-    if any(w < 0 for w in weights.values()) or weights and not any(
-            weights.get(p.name, 1.0) > 0 for p in pool):
+    if min(weights.values(), default=0.0) < 0 or sum(weights.get(p.name, 1.0) for p in pool) <= 0:
         raise ValueError("gatt.instruction_weights: weights must be >= 0, not all 0")
+    return weights
+
+
+def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
+    rng = random.Random(f"gatt:{cfg.seed}")
+    weights = instruction_weights(cfg.instruction_weights, pool)
     plans: list[Plan] = []
     files = [s for s in cfg.dialogs if s != "world"]
     if "world" in cfg.dialogs:  # concatenations of unrelated single-turn tasks, 1..max_turns
@@ -326,9 +331,7 @@ class GAttConfig:
     # instruction, then the gold answer), "gold" (the world's answer) or "sample".
     fallback_base: str = "plain"
     seq_len: int = 512
-    replay_demos: int = 0  # world SFT demonstrations mixed in (helpful, common.py)
-    replay_safety_share: float = 0.2  # safety demonstrations replayed per helpful one
-    replay_borderline_share: float = 0.0  # helpful answers to borderline prompts, per helpful one
+    replay: Replay = field(default_factory=Replay)  # SFT demonstrations mixed in
     seed: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(
         lr=2e-5, epochs=2.0, warmup_steps=0, warmup_ratio=0.03, micro_batch_size=8,
@@ -673,8 +676,7 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         records, stats = sample_gatt_dialogs(loaded, plans, cfg)
         write_jsonl(out / "samples.jsonl", records)
         dialogs = training_dialogs(records, cfg.prefixes)
-        dialogs += replay_demonstrations(cfg.world_seed, cfg.replay_demos, cfg.replay_safety_share,
-                                         cfg.replay_borderline_share)
+        dialogs += cfg.replay.dialogs(cfg.world_seed)
         summary.update(stats, dialogs=len(dialogs),
                        mean_turns=sum(len(r["answers"]) for r in records) / max(1, len(records)))
         atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")
