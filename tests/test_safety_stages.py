@@ -103,6 +103,26 @@ def test_gated_distillation_keeps_only_safer_answers(tiny):
     assert set(summary["eval"]) == {"before", "gated", "ungated"}
     saved = json.loads((out / "summary.json").read_text())
     assert saved["by_kind"]["safety"]["prompts"] == 9
+    groups = saved["by_kind"]["safety"]["by_initial_score"]
+    assert sum(g["prompts"] for g in groups) == sum(bool(r["distilled"]) for r in rows
+                                                    if r["kind"] == "safety")
+
+
+def test_score_change_by_initial_score_groups_prompts_by_their_plain_score():
+    # Figure 16 (right): low plain scores gain from the preprompt, high ones lose.
+    def row(plain, distilled, text="a"):
+        return {"rm_plain": plain, "rm_distilled": distilled, "distilled": text,
+                "annotator_safety": [0.5, 0.5 + (distilled - plain) / 10],
+                "gate": distilled > plain}
+
+    rows = [row(3.0, 2.0), row(-1.0, 1.0), row(1.0, 1.0), row(-2.0, 0.0), row(2.0, 1.0),
+            row(0.0, 0.5), row(5.0, 9.0, text="")]  # no distilled answer: left out
+    groups = distill.score_change_by_initial(rows)
+    assert [g["prompts"] for g in groups] == [2, 2, 2]
+    assert [g["rm_plain"] for g in groups] == [-1.5, 0.5, 2.5]
+    assert [g["rm_change"] for g in groups] == [2.0, 0.25, -1.0]
+    assert [g["kept_gated"] for g in groups] == [2, 1, 0]
+    assert groups[0]["annotator_safety_change"] == pytest.approx(0.2)
 
 
 def test_gate_needs_a_safety_rm(tiny):
@@ -153,3 +173,27 @@ def test_preferences_annotate_every_pair_of_k_responses(tiny, tmp_path):
     assert compared > 0
     with pytest.raises(ValueError, match="responses_per_prompt"):
         collect(PreferencesConfig(models=cfg.models, out=str(tmp_path), responses_per_prompt=1))
+
+
+def test_distillation_rows_need_a_real_safety_gain(tmp_path):
+    from llama2.stages.reproduction import reproduction_table
+
+    def rows(before_viol, thirds, fr=(0.1, 0.05, 0.2)):
+        def ev(viol, f):
+            return {"violation_rate": viol, "false_refusal": f}
+        summary = {"by_kind": {"safety": {"by_initial_score": [{"rm_change": c} for c in thirds]}},
+                   "eval": {"before": ev(before_viol, fr[0]), "gated": ev(0.0, fr[1]),
+                            "ungated": ev(0.1, fr[2])}}
+        (tmp_path / "distill").mkdir(exist_ok=True)
+        (tmp_path / "distill" / "summary.json").write_text(json.dumps(summary))
+        table = reproduction_table(tmp_path)
+        return [next(r for r in table if r["finding"].startswith(s))
+                for s in ("Context distillation", "Gated distillation")]
+
+    safety_row, refusal_row = rows(0.08, [0.9, -0.1, -0.8])
+    assert safety_row["reproduced"] and refusal_row["reproduced"]
+    assert "+0.90 / -0.10 / -0.80" in safety_row["measured"]
+    # Nothing to make safer (no violations before) or no lift of the low scores: not shown.
+    assert not rows(0.0, [0.9, -0.1, -0.8])[0]["reproduced"]
+    assert not rows(0.08, [0.0, 0.0, 0.1])[0]["reproduced"]
+    assert not rows(0.08, [0.9, 0.0, 0.0], fr=(0.1, 0.2, 0.05))[1]["reproduced"]

@@ -165,8 +165,22 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "refusal_plain": _mean([float(r["refusal"][0]) for r in rs]),
             "refusal_distilled": _mean([float(r["refusal"][1]) for r in rs]),
             "refusal_distilled_kept": _mean([float(r["refusal"][1]) for r in rs if r["gate"]]),
+            "by_initial_score": score_change_by_initial(rs),
         }
     return out
+
+
+def score_change_by_initial(rows: list[dict[str, Any]], parts: int = 3) -> list[dict[str, Any]]:
+    """Figure 16 (right): the Safety RM score change that distillation brings, by the score of
+    the answer without the preprompt (prompts sorted by it, cut in `parts` equal groups): the
+    paper's preprompt lifts low scores and can lower high ones, hence the gate."""
+    rows = sorted((r for r in rows if r["distilled"]), key=lambda r: r["rm_plain"])
+    groups = [rows[i * len(rows) // parts:(i + 1) * len(rows) // parts] for i in range(parts)]
+    return [{"prompts": len(g), "rm_plain": _mean([r["rm_plain"] for r in g]),
+             "rm_change": _mean([r["rm_distilled"] - r["rm_plain"] for r in g]),
+             "annotator_safety_change": _mean([r["annotator_safety"][1] - r["annotator_safety"][0]
+                                               for r in g]),
+             "kept_gated": sum(r["gate"] for r in g)} for g in groups if g]
 
 
 def training_dialogs(rows: list[dict[str, Any]], gated: bool) -> list:

@@ -176,18 +176,32 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
     rows.append(_row("GAtt keeps a system instruction for 20 turns (Table 30)",
                      "100% at turn 20 with GAtt; forgotten within turns without", gatt))
 
-    def distill():
+    def distill_safety():
+        summary = _load(run / "distill" / "summary.json")
+        ev, thirds = summary["eval"], summary["by_kind"]["safety"]["by_initial_score"]
+        b, g, u = ev["before"], ev["gated"], ev["ungated"]
+        change = " / ".join(f"{t['rm_change']:+.2f}" for t in thirds)
+        return (f"Safety RM change from the preprompt, prompts by their plain score (low to high "
+                f"third): {change}; violations {_pct(b['violation_rate'])} before, gated "
+                f"{_pct(g['violation_rate'])}, ungated {_pct(u['violation_rate'])}",
+                thirds[0]["rm_change"] > max(0.0, thirds[-1]["rm_change"])
+                and g["violation_rate"] < b["violation_rate"]
+                and g["violation_rate"] <= u["violation_rate"])
+
+    rows.append(_row("Context distillation lifts low Safety RM scores, the gate keeps the gains "
+                     "(Figure 16)", "low scores rise, high ones can fall; gated distillation is "
+                     "safer", distill_safety))
+
+    def distill_refusals():
         ev = _load(run / "distill" / "summary.json")["eval"]
         b, g, u = ev["before"], ev["gated"], ev["ungated"]
-        return (f"violation {_pct(b['violation_rate'])} before, gated "
-                f"{_pct(g['violation_rate'])}, ungated {_pct(u['violation_rate'])}; borderline "
-                f"false refusal {_pct(b['false_refusal'])} before, gated "
+        return (f"borderline false refusal {_pct(b['false_refusal'])} before, gated "
                 f"{_pct(g['false_refusal'])}, ungated {_pct(u['false_refusal'])}",
-                g["violation_rate"] <= b["violation_rate"]
-                and g["false_refusal"] <= u["false_refusal"])
+                g["false_refusal"] <= u["false_refusal"])
 
-    rows.append(_row("RM-gated context distillation: safer without more false refusals "
-                     "(Figure 16)", "gating keeps safety gains, avoids vague refusals", distill))
+    rows.append(_row("Gated distillation: no more false refusals than ungated (§4.2.4)",
+                     "ungated distillation turns answers vague and raises false refusals",
+                     distill_refusals))
 
     def scaling():
         s = _load(run / "safety_scaling.json")
