@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("llama2.stages.reward", "reward: train/evaluate a reward model (recipe §4)"),
     "rejection-sample": ("llama2.stages.rejection_sampling",
                          "rejection-sample: rejection sampling fine-tuning (recipe §5)"),
+    "rs-forgetting": ("llama2.stages.rejection_sampling",
+                      "rs-forgetting: what keeping only the latest round's samples forgets (§3.2.3)"),
     "ppo": ("llama2.stages.ppo", "ppo: PPO with the two-RM reward (recipe §6)"),
     "rlhf": ("llama2.stages.rlhf", "rlhf: iterative RLHF rounds"),
     "gatt": ("llama2.stages.gatt", "gatt: Ghost Attention (recipe §7)"),

@@ -8,11 +8,15 @@ which forgot skills. Writes the max-vs-median reward over K (Figure 7) and the
 reward-vs-temperature sweep (Figure 8) as JSON and PNG.
 
     llama2 rejection-sample --model M --helpful-rm H --safety-rm S --out DIR [--k 8]
+    llama2 rs-forgetting --model V1 --helpful-rm H --safety-rm S --round 2 \
+        --previous V1_DIR/best.jsonl --family howto --out DIR   (keep latest vs all)
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import shutil
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ class RejectionSamplingConfig:
     n_prompts: int = 300
     safety_share: float = 0.25  # share of safety prompts among the world prompts
     borderline_share: float = 0.1  # benign prompts with sensitive words (false refusals)
+    families: list[str] = field(default_factory=list)  # world task families (empty: all)
     k: int = 8  # samples per prompt
     temperature: float = 1.0
     max_new_tokens: int = 48
@@ -54,7 +59,7 @@ class RejectionSamplingConfig:
 
 
 def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: float, offset: int,
-                 borderline_share: float = 0.0):
+                 borderline_share: float = 0.0, families: list[str] | None = None):
     """World prompts (a fresh slice per round) or Prompt records from JSONL files."""
     from llama2.world import Prompt, World
 
@@ -64,7 +69,8 @@ def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: floa
             world = World(world_seed)
             n_safe, n_border = round(n * safety_share), round(n * borderline_share)
             n_help = n - n_safe - n_border
-            prompts += world.helpful_prompts(n_help * (offset + 1), split="train")[n_help * offset:]
+            prompts += world.helpful_prompts(n_help * (offset + 1), split="train",
+                                             families=tuple(families or ()) or None)[n_help * offset:]
             prompts += world.safety_prompts(n_safe * (offset + 1), split="train")[n_safe * offset:]
             prompts += world.borderline_prompts(n_border * (offset + 1),
                                                 split="train")[n_border * offset:]
@@ -147,7 +153,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     loaded = load_policy(cfg.model, cfg.train.device)
     rewards = TwoRewardModels(cfg.helpful_rm, cfg.safety_rm, safety_switch=cfg.safety_switch)
     prompts = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts, cfg.safety_share, cfg.round,
-                           cfg.borderline_share)
+                           cfg.borderline_share, cfg.families)
     samples_path = out / "samples.jsonl"
     if samples_path.is_file():  # resume: sampling is the expensive part
         rows = read_jsonl(samples_path)
@@ -197,6 +203,66 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     finetune(loaded.model, loaded.tokenizer, train_dialogs, out / "train", cfg.train, cfg.seq_len,
              config=cfg, extra={"stage": "rejection_sampling", "round": cfg.round})
     return summary
+
+
+@dataclass
+class ForgettingConfig(RejectionSamplingConfig):
+    """A rejection-sampling round (`model`, the RMs, `round`, `previous`: the earlier rounds'
+    best.jsonl) run without the prompts of one task `family`, trained twice on its samples."""
+
+    family: str = "howto"  # the skill this round does not ask for again
+    n_eval: int = 80  # held-out prompts per family
+
+
+def forgetting_study(cfg: ForgettingConfig) -> dict:
+    """Why the paper keeps every round's best samples (§3.2.3: RLHF-V3, fine-tuned on its own
+    round's samples only, got worse at rhyming poems). One round of rejection sampling from
+    `cfg.model` leaves out the prompts of `cfg.family`; its samples train two models, one with
+    keep = "latest" (this round's best only) and one with keep = "all" (plus `cfg.previous`).
+    The annotators score greedy answers to held-out prompts of every family for the starting
+    policy and both models: a skill kept only in earlier rounds' samples is what "latest" forgets."""
+    from llama2.stages.safety import answer_prompts
+    from llama2.world import Annotator, World
+    from llama2.world.tasks import FAMILIES
+
+    if cfg.family not in FAMILIES:
+        raise ValueError(f"family {cfg.family!r}: expected one of {list(FAMILIES)}")
+    out = Path(cfg.out)
+    world, ann = World(cfg.world_seed), Annotator(0, noise=False)
+    held_out = {f: world.helpful_prompts(cfg.n_eval, split="eval", families=(f,)) for f in FAMILIES}
+
+    def skills(model: str) -> dict[str, float]:
+        loaded = load_policy(model, cfg.train.device)
+        return {f: statistics.fmean(ann.helpfulness(p, r) for p, r in
+                                    zip(ps, answer_prompts(loaded, ps, cfg.max_new_tokens)))
+                for f, ps in held_out.items()}
+
+    result = {"family": cfg.family, "round": cfg.round, "model": cfg.model,
+              "helpfulness": {"before": skills(cfg.model)}, "train_dialogs": {}}
+    for keep in ("latest", "all"):
+        rc = copy.deepcopy(cfg)
+        rc.out, rc.keep, rc.sweep_prompts = str(out / keep), keep, 0
+        rc.families = [f for f in FAMILIES if f != cfg.family]
+        if keep == "all":  # the same samples: only the training set differs
+            (out / keep).mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(out / "latest" / "samples.jsonl", out / keep / "samples.jsonl")
+        summary = run(rc)
+        result["train_dialogs"][keep] = summary["train_dialogs"]
+        result["helpfulness"][keep] = skills(str(out / keep / "train" / "model"))
+    h = result["helpfulness"]
+    result["forgotten"] = h["before"][cfg.family] - h["latest"][cfg.family]
+    result["kept_by_all"] = h["all"][cfg.family] - h["latest"][cfg.family]
+    atomic_write_text(out / "forgetting.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def main_rs_forgetting(argv: list[str]) -> None:
+    cfg: ForgettingConfig = parse_stage(ForgettingConfig, argv, "rs-forgetting")
+    result = forgetting_study(cfg)
+    for name, row in result["helpfulness"].items():
+        print(f"{name:7s} " + "  ".join(f"{f} {v:.3f}" for f, v in row.items()))
+    print(f"{cfg.family}: {result['forgotten']:+.3f} forgotten with keep=latest, "
+          f"{result['kept_by_all']:+.3f} kept by keep=all; {Path(cfg.out) / 'forgetting.json'}")
 
 
 def main(argv: list[str]) -> None:

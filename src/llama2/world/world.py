@@ -65,6 +65,8 @@ class World:
         """`n` helpfulness prompts with checkable gold answers, ~20% multi-turn."""
         _check_split(split)
         fams = families or FAMILIES
+        if unknown := [f for f in fams if f not in FAMILIES]:
+            raise ValueError(f"unknown task families {unknown}: expected some of {list(FAMILIES)}")
         rng = self._rng(f"helpful:{split}")
         out: list[Prompt] = []
         seen: set[str] = set()
