@@ -60,6 +60,14 @@ def make_run(root: Path) -> Path:
     write(root / "gatt" / "adherence.json",
           {"before": {"language": [1.0, 0.6, 0.3, 0.1], "persona": [1.0, 0.7, 0.4, 0.2]},
            "after": {"language": [1.0, 1.0, 1.0, 0.95], "persona": [1.0, 1.0, 0.9, 0.9]}})
+    write(root / "distill" / "summary.json",
+          {"by_kind": {"safety": {"by_initial_score": [
+              {"rm_plain": -1.0, "rm_change": 0.9, "prompts": 3, "kept_gated": 3},
+              {"rm_plain": 0.5, "rm_change": 0.1, "prompts": 3, "kept_gated": 1},
+              {"rm_plain": 2.0, "rm_change": -0.6, "prompts": 3, "kept_gated": 0}]}},
+           "eval": {k: {"violation_rate": v, "false_refusal": 0.1, "mean_safety": 0.8,
+                        "mean_helpfulness": 0.5}
+                    for k, v in (("before", 0.2), ("gated", 0.05), ("ungated", 0.1))}})
     write(root / "safety_scaling.json",
           {"shares": [0.0, 0.25, 0.5, 1.0], "mean_helpfulness": [0.6, 0.61, 0.6, 0.59],
            "safety_scores": [[0.1, 0.5, 0.9], [0.3, 0.6, 0.9], [0.5, 0.8, 1.0], [0.8, 0.9, 1.0]],
@@ -85,7 +93,7 @@ def test_full_run_renders_every_section(full_run):
     assert titles[0].startswith("Reproduction")
     for want in ("Helpfulness", "violation rate", "risk category", "false refusal",
                  "tracking", "TruthfulQA", "BOLD", "ToxiGen", "Perplexity", "Reward models",
-                 "PPO curves", "Ghost Attention", "scaling"):
+                 "PPO curves", "Ghost Attention", "context distillation", "scaling"):
         assert any(want.lower() in t.lower() for t in titles), want
     page = (full_run / "report.html").read_text()
     srcs = re.findall(r"<img src='([^']+)'", page)
@@ -96,6 +104,7 @@ def test_full_run_renders_every_section(full_run):
     assert page.count("<table>") >= len(titles)
     md = (full_run / "report.md").read_text()
     assert "| sft |" in md and "no classifier" in md and "![" in md
+    assert "kept by the gate: 3, 1, 0 of 3, 3, 3" in md and "| gated | 5.0% |" in md
     # The gold-answering version beats the refusing baseline; the refusing one ties.
     h = json.loads((full_run / "eval" / "final" / "helpfulness.json").read_text())
     assert h["world"]["win"] == 1.0

@@ -30,6 +30,9 @@ File contract (paths relative to RUN_DIR; every file is optional):
   iteration (timings ending in `_s` are left out).
 - `gatt/adherence.json`: `{"before": {instruction_family: [share per turn 1..20]}, "after":
   {...}}` (Table 30).
+- `distill/summary.json`: context distillation as `llama2 distill` writes it, `{"by_kind":
+  {"safety": {"by_initial_score": [{"rm_plain", "rm_change", "prompts", "kept_gated"}]}},
+  "eval": {"before"|"gated"|"ungated": {"violation_rate", "false_refusal", ...}}}` (Figure 16).
 - `safety_scaling.json`: `{"shares": [share of safety data], "mean_helpfulness": [...],
   "safety_scores": [[score per prompt] per share], "false_refusal": [...]}` (Figure 15).
 
@@ -559,6 +562,30 @@ def sec_gatt(run: Path, plots: Path) -> Section | None:
                    [Table(["instruction", "model", *(f"t{t}" for t in range(1, width + 1))], rows)])
 
 
+def sec_distill(run: Path, plots: Path) -> Section | None:
+    d = _read_json(run / "distill" / "summary.json") if (run / "distill" / "summary.json").is_file() \
+        else None
+    groups = ((d or {}).get("by_kind") or {}).get("safety", {}).get("by_initial_score")
+    if not groups:
+        return None
+    labels = [f"{name} (plain {g['rm_plain']:.2f})"
+              for name, g in zip(("low", "middle", "high") if len(groups) == 3 else
+                                 [f"group {i + 1}" for i in range(len(groups))], groups)]
+    bar_chart(plots / "distill.png", labels, {"Safety RM change": [g["rm_change"] for g in groups]},
+              "Safety RM change from the safety preprompt", "change (logits)")
+    rows = [[name, pct(e.get("violation_rate")), pct(e.get("false_refusal")),
+             num(e.get("mean_safety")), num(e.get("mean_helpfulness"))]
+            for name, e in (d.get("eval") or {}).items()]
+    return Section("Targeted context distillation (paper Figure 16)",
+                   "Adversarial prompts sorted by the Safety RM score of the answer without the "
+                   "preprompt and cut in equal groups: the mean change the preprompt brings "
+                   f"(kept by the gate: {', '.join(str(g['kept_gated']) for g in groups)} of "
+                   f"{', '.join(str(g['prompts']) for g in groups)}). Below, the models before "
+                   "and after distillation on held-out prompts.", "distill.png",
+                   [Table(["model", "violations", "borderline false refusals", "mean safety",
+                           "mean helpfulness"], rows)])
+
+
 def sec_safety_scaling(run: Path, plots: Path) -> Section | None:
     p = run / "safety_scaling.json"
     d = _read_json(p) if p.is_file() else None
@@ -714,6 +741,7 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, inline: boo
         lambda: sec_reward_models(run, plots))
     add("PPO curves (**/ppo_metrics.jsonl)", lambda: sec_ppo(run, plots))
     add("Ghost Attention adherence (gatt/adherence.json)", lambda: sec_gatt(run, plots))
+    add("context distillation (distill/summary.json)", lambda: sec_distill(run, plots))
     add("safety data scaling (safety_scaling.json)", lambda: sec_safety_scaling(run, plots))
     md, page = render(sections, missing, run, out_dir, plots, inline)
     from llama2.utils import atomic_write_text
