@@ -233,22 +233,21 @@ def test_gatt_reproduction_row_reports_the_neutral_marker_rate(tmp_path):
 
 
 def test_replayed_demonstrations_follow_the_safety_share():
-    from llama2.stages.common import Replay, replay_demonstrations
+    from llama2.stages.common import Replay
     from llama2.world import Annotator
 
     def refusals(dialogs) -> int:
         return sum(Annotator.is_refusal(d[-1]["content"]) for d in dialogs)
 
-    few, many = replay_demonstrations(0, 100, 0.02), replay_demonstrations(0, 100, 0.2)
+    few, many = Replay(100, 0.02).dialogs(0), Replay(100, 0.2).dialogs(0)
     assert len(few) == 102 and len(many) == 120
     assert refusals(few) < refusals(many)
-    assert replay_demonstrations(0, 0) == []
-    assert Replay(100, 0.02).dialogs(0) == few  # the configs' form of the same call
+    assert Replay(0).dialogs(0) == []
     # Borderline prompts come answered helpfully, from the training split only.
     world = World(0)
     borderline = {p.text for p in world.borderline_prompts(400, split="train")}
     held_out = {p.text for p in world.borderline_prompts(100, split="eval")}
-    with_b = replay_demonstrations(0, 100, 0.02, borderline_share=0.3)
+    with_b = Replay(100, 0.02, borderline_share=0.3).dialogs(0)
     added = [d for d in with_b if d[-2]["content"] in borderline]
     assert len(with_b) == 132 and len(added) >= 30
     assert refusals(added) == 0 and not {d[-2]["content"] for d in with_b} & held_out

@@ -563,8 +563,8 @@ def sec_gatt(run: Path, plots: Path) -> Section | None:
 
 
 def sec_distill(run: Path, plots: Path) -> Section | None:
-    d = _read_json(run / "distill" / "summary.json") if (run / "distill" / "summary.json").is_file() \
-        else None
+    p = run / "distill" / "summary.json"
+    d = _read_json(p) if p.is_file() else None
     groups = ((d or {}).get("by_kind") or {}).get("safety", {}).get("by_initial_score")
     if not groups:
         return None

@@ -61,20 +61,13 @@ class Replay:
     borderline_share: float = 0.0
 
     def dialogs(self, world_seed: int) -> list[Dialog]:
-        return replay_demonstrations(world_seed, self.demos, self.safety_share,
-                                     self.borderline_share)
+        if self.demos <= 0:
+            return []
+        from llama2.world import World
 
-
-def replay_demonstrations(world_seed: int, n: int, safety_share: float = 0.2,
-                          borderline_share: float = 0.0) -> list[Dialog]:
-    """`n` helpful demonstrations with `safety_share` and `borderline_share` as many safety and
-    borderline ones, from the world's training split (see `Replay`)."""
-    if n <= 0:
-        return []
-    from llama2.world import World
-
-    return World(world_seed).demonstrations(n, round(n * safety_share), split="train",
-                                            n_borderline=round(n * borderline_share))
+        return World(world_seed).demonstrations(
+            self.demos, round(self.demos * self.safety_share), split="train",
+            n_borderline=round(self.demos * self.borderline_share))
 
 
 def stage_done(out: str | Path) -> bool:

@@ -159,10 +159,7 @@ def random_instruction(pool: list[Persistent], rng: random.Random, combo_share: 
     from llama2.world import Instruction
     from llama2.world.instructions import combinable, combine
 
-    if weights:
-        first = rng.choices(pool, weights=[weights.get(p.name, 1.0) for p in pool])[0]
-    else:  # the same draws as before weights existed (earlier runs' dialogs stay the same)
-        first = rng.choice(pool)
+    first = rng.choices(pool, weights=[(weights or {}).get(p.name, 1.0) for p in pool])[0]
     if rng.random() < combo_share and isinstance(first, Instruction):
         mates = [p for p in pool if isinstance(p, Instruction) and combinable(first, p)]
         if mates:
