@@ -8,7 +8,7 @@ import torch
 
 from llama2.reward import logit, piecewise, whiten
 from llama2.stages.ppo import Rollout, build_rollout, gae, response_logprobs
-from llama2.stages.rejection_sampling import max_vs_median
+from llama2.stages.rejection_sampling import max_vs_median, selection_quality
 
 
 def test_piecewise_switches_at_threshold_and_safety_tag():
@@ -77,3 +77,17 @@ def test_max_vs_median_gap_grows_with_k():
     c = max_vs_median(rc)
     gaps = [m - d for m, d in zip(c["max"], c["median"])]
     assert gaps[0] == 0 and all(b >= a - 1e-6 for a, b in zip(gaps, gaps[1:]))
+
+
+def test_selection_quality_judges_the_reward_pick_against_the_samples():
+    from llama2.world import World
+
+    prompts = World(0).helpful_prompts(6, families=("facts",))
+    # Two samples per prompt: the gold answer and an off-topic one.
+    texts = [[p.answer, "I saw the light by the road today."] for p in prompts]
+    fooled = torch.tensor([[0.1, 0.9]] * 6)  # the reward prefers the off-topic answer
+    right = torch.tensor([[0.9, 0.1]] * 6)
+    bad, good = selection_quality(prompts, texts, fooled), selection_quality(prompts, texts, right)
+    assert bad["n_helpful_prompts"] == 6 and bad["mean_sample"] == good["mean_sample"]
+    assert bad["pick"] < bad["mean_sample"] < good["pick"] == good["best_sample"]
+    assert selection_quality([], [], torch.zeros(0, 2)) == {}

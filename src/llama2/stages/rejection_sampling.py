@@ -115,6 +115,25 @@ def switch_ablation(prompts, texts: list[list[str]], scores: dict[str, torch.Ten
     return out
 
 
+def selection_quality(prompts, texts: list[list[str]], rc: torch.Tensor) -> dict:
+    """What the reward's best-of-K pick is worth to the world's annotators on helpful prompts:
+    the helpfulness of the pick against the mean sample and the best sample (an oracle pick).
+    A pick below the mean sample is the reward model being gamed by selection (Goodhart):
+    fine-tuning on such targets makes the policy worse, not better."""
+    from llama2.world import Annotator
+
+    ann = Annotator(0, noise=False)
+    idx = [i for i, p in enumerate(prompts) if p.kind == "helpful" and p.meta.get("split")]
+    if not idx:
+        return {}
+    scores = [[ann.helpfulness(prompts[i], t) for t in texts[i]] for i in idx]
+    picks = [row[int(rc[i].argmax())] for i, row in zip(idx, scores)]
+    return {"pick": statistics.fmean(picks),
+            "mean_sample": statistics.fmean(statistics.fmean(row) for row in scores),
+            "best_sample": statistics.fmean(max(row) for row in scores),
+            "n_helpful_prompts": len(idx)}
+
+
 def max_vs_median(rc: torch.Tensor) -> dict[str, list[float]]:
     """Mean over prompts of the max and the median reward among the first k samples (Fig. 7)."""
     ks = list(range(1, rc.shape[1] + 1))
@@ -196,6 +215,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
                "median_reward": float(rc.median(1).values.mean()), "curves": curves,
                "sweep": sweep, "train_dialogs": len(train_dialogs), "keep": cfg.keep,
                "switch_ablation": switch_ablation(prompts, texts, scores),
+               "selection": selection_quality(prompts, texts, rc),
                "best_by_kind": {kind: statistics.fmean(float(rc[i].max()) for i, p in
                                                        enumerate(prompts) if p.kind == kind)
                                 for kind in {p.kind for p in prompts}}}
