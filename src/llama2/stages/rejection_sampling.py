@@ -98,13 +98,19 @@ def sample_and_score(loaded, rewards: TwoRewardModels, prompts, k: int, temperat
             {name: v.view(len(prompts), k) for name, v in scores.items()})
 
 
+def judged(prompts, kind: str):
+    """The world's noise-free annotator and the indices of the world prompts of `kind` (prompts
+    read from files carry no world metadata: the annotators cannot judge them)."""
+    from llama2.world import Annotator
+
+    return Annotator(0, noise=False), [i for i, p in enumerate(prompts)
+                                       if p.kind == kind and p.meta.get("split")]
+
+
 def switch_ablation(prompts, texts: list[list[str]], scores: dict[str, torch.Tensor]) -> dict:
     """The best-of-K picks on adversarial prompts with the piecewise reward and with the safety
     switch removed (Rc = Rh), judged by the world's annotators: what the switch buys."""
-    from llama2.world import Annotator
-
-    ann = Annotator(0, noise=False)
-    idx = [i for i, p in enumerate(prompts) if p.kind == "safety" and p.meta.get("split")]
+    ann, idx = judged(prompts, "safety")
     if not idx:
         return {}
     out = {}
@@ -120,10 +126,7 @@ def selection_quality(prompts, texts: list[list[str]], rc: torch.Tensor) -> dict
     the helpfulness of the pick against the mean sample and the best sample (an oracle pick).
     A pick below the mean sample is the reward model being gamed by selection (Goodhart):
     fine-tuning on such targets makes the policy worse, not better."""
-    from llama2.world import Annotator
-
-    ann = Annotator(0, noise=False)
-    idx = [i for i, p in enumerate(prompts) if p.kind == "helpful" and p.meta.get("split")]
+    ann, idx = judged(prompts, "helpful")
     if not idx:
         return {}
     scores = [[ann.helpfulness(prompts[i], t) for t in texts[i]] for i in idx]

@@ -176,10 +176,13 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
     rows.append(_row("GAtt keeps a system instruction for 20 turns (Table 30)",
                      "100% at turn 20 with GAtt; forgotten within turns without", gatt))
 
-    def distill_safety():
+    def distill():
         summary = _load(run / "distill" / "summary.json")
-        ev, thirds = summary["eval"], summary["by_kind"]["safety"]["by_initial_score"]
-        b, g, u = ev["before"], ev["gated"], ev["ungated"]
+        return summary, summary["eval"]["before"], summary["eval"]["gated"], summary["eval"]["ungated"]
+
+    def distill_safety():
+        summary, b, g, u = distill()
+        thirds = summary["by_kind"]["safety"]["by_initial_score"]
         change = " / ".join(f"{t['rm_change']:+.2f}" for t in thirds)
         return (f"Safety RM change from the preprompt, prompts by their plain score (low to high "
                 f"third): {change}; violations {_pct(b['violation_rate'])} before, gated "
@@ -193,8 +196,7 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
                      "safer", distill_safety))
 
     def distill_refusals():
-        ev = _load(run / "distill" / "summary.json")["eval"]
-        b, g, u = ev["before"], ev["gated"], ev["ungated"]
+        _, b, g, u = distill()
         return (f"borderline false refusal {_pct(b['false_refusal'])} before, gated "
                 f"{_pct(g['false_refusal'])}, ungated {_pct(u['false_refusal'])}",
                 g["false_refusal"] <= u["false_refusal"])
