@@ -199,9 +199,9 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
         _, b, g, u = distill()
         return (f"borderline false refusal {_pct(b['false_refusal'])} before, gated "
                 f"{_pct(g['false_refusal'])}, ungated {_pct(u['false_refusal'])}",
-                g["false_refusal"] <= u["false_refusal"])
+                g["false_refusal"] < u["false_refusal"])
 
-    rows.append(_row("Gated distillation: no more false refusals than ungated (§4.2.4)",
+    rows.append(_row("Gated distillation: fewer false refusals than ungated (§4.2.4)",
                      "ungated distillation turns answers vague and raises false refusals",
                      distill_refusals))
 
