@@ -81,6 +81,19 @@ def env_line() -> str:
             f"{os.environ.get('OMP_WAIT_POLICY', 'default')}, load {os.getloadavg()[0]:.2f}")
 
 
+def quiet_peers() -> None:
+    """Silence the peers' logging and progress bars (they would interleave with ours)."""
+    import logging
+
+    import datasets
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.getLogger("accelerate").setLevel(logging.ERROR)
+
+
 def load_tokenizer(config: str, workdir: str):
     """15M: Meta's Llama 2 tokenizer (32,000 pieces); tiny: a 1,024-piece BPE trained here."""
     from llama2.tokenizer import Tokenizer, train_tokenizer
@@ -239,10 +252,8 @@ def main() -> None:
         ap.error("need 1 <= --warmup < --steps")
     reexec_with_env(a.threads, a.omp_wait)
 
-    import logging
     import random
 
-    import datasets
     import torch
     import transformers
     import trl
@@ -254,10 +265,7 @@ def main() -> None:
     from llama2.stages.reward import encode_pair, read_pairs
 
     torch.set_num_threads(a.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    quiet_peers()
     workdir = tempfile.mkdtemp(prefix="bench_reward_")
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)  # final checkpoints: ~0.2 GB/run
     tok = load_tokenizer(a.config, workdir)

@@ -45,7 +45,15 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_reward import add_env_flags, env_line, hf_tokenizer, load_tokenizer, reexec_with_env, step_clock
+from bench_reward import (
+    add_env_flags,
+    env_line,
+    hf_tokenizer,
+    load_tokenizer,
+    quiet_peers,
+    reexec_with_env,
+    step_clock,
+)
 
 
 def build_models(config: str, workdir: Path, seed: int = 0):
@@ -219,18 +227,13 @@ def main() -> None:
         ap.error("need --warmup >= 1, --iterations >= 1, --samples >= 2")
     reexec_with_env(a.threads, a.omp_wait)
 
-    import logging
 
-    import datasets
     import torch
     import transformers
     import trl
 
     torch.set_num_threads(a.threads)
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    datasets.disable_progress_bars()
-    logging.getLogger("accelerate").setLevel(logging.ERROR)
+    quiet_peers()
     workdir = Path(tempfile.mkdtemp(prefix="bench_rlhf_"))
     atexit.register(shutil.rmtree, workdir, ignore_errors=True)
     tok, args, heads = build_models(a.config, workdir)

@@ -12,7 +12,9 @@ read it. Preprompts: the generic "You are a safe and responsible assistant", or 
 per risk category with an answer template, written for the world's three categories in the
 style of the paper's Table 39. The gate (§4.2.4): a distilled answer is kept only where the
 Safety RM scores it above the model's answer without the preprompt (`--gate false` keeps all,
-the ungated variant of Figure 16, whose answers turn vague and raise false refusals).
+the ungated variant of Figure 16: in the paper its answers turn vague and raise false refusals;
+in the world it mostly re-teaches refusals the model already gave, and with few benign prompts
+with sensitive words beside them those refusals spread to borderline prompts).
 
 Project choices: by default only adversarial prompts are distilled (targeted, as the paper);
 `n_helpful`/`n_borderline` add benign prompts (with sensitive words for borderline) the same
