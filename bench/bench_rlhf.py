@@ -227,7 +227,6 @@ def main() -> None:
         ap.error("need --warmup >= 1, --iterations >= 1, --samples >= 2")
     reexec_with_env(a.threads, a.omp_wait)
 
-
     import torch
     import transformers
     import trl
