@@ -54,7 +54,18 @@ def test_sharded_hf_folder_loads(tmp_path):
         assert (checkpoint.load(peer_dir).model(x) - model(x)).abs().max() < 1e-5
 
 
-def test_greedy_generation_equals_transformers_batched():
+@pytest.fixture(params=["blocked", "packed"])
+def decode_path(request, monkeypatch):
+    """Run a test through both decoding matmuls: the blocked BLAS copy and oneDNN's packed
+    weights (model.py), which by default only large matrices take."""
+    if request.param == "packed":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch build has no oneDNN (mkldnn)")
+        monkeypatch.setattr("llama2.model.PACKED_MIN_NUMEL", 0)
+    return request.param
+
+
+def test_greedy_generation_equals_transformers_batched(decode_path):
     model = tiny(2)
     import tempfile
 
@@ -198,7 +209,17 @@ def test_sampler_follows_the_distribution_and_top_k():
     assert bool((greedy == 0).all())
 
 
-def test_decode_copies_follow_in_place_weight_updates():
+def test_greedy_is_argmax_with_its_tie_rule():
+    from llama2.generation import greedy
+
+    g = torch.Generator().manual_seed(0)
+    for shape in [(1, 32000), (16, 1024), (3, 1000)]:
+        ties = torch.randint(-2, 3, shape, generator=g).float()  # many equal maxima per row
+        for logits in (ties, torch.randn(shape, generator=g)):
+            assert torch.equal(greedy(logits), logits.argmax(-1))
+
+
+def test_decode_copies_follow_in_place_weight_updates(decode_path):
     """The blocked weight copies that decoding multiplies by are refilled for every generate
     call: an in-place update (as an optimizer step makes, possibly without bumping the version
     counter) shows in the next call's log-probabilities, which match a plain forward."""
@@ -209,7 +230,7 @@ def test_decode_copies_follow_in_place_weight_updates():
     prompt = [1, 5, 9, 13]
 
     def check():
-        out = generate(m, [prompt], max_new_tokens=6)
+        out = generate(m, [prompt, prompt[:2]], max_new_tokens=6)  # 2 rows: the packed path
         seq = torch.tensor([prompt + out.tokens[0]])
         with torch.no_grad():
             ref = torch.log_softmax(m(seq[:, :-1]).float(), -1)[0, len(prompt) - 1:]
