@@ -80,7 +80,7 @@ def main() -> None:
         n_new = a.new_tokens
 
         def gen_ours(prompts=prompts, n_new=n_new):
-            generate(ours, prompts.tolist(), max_new_tokens=n_new, eos_id=None)
+            generate(ours, prompts.tolist(), max_new_tokens=n_new, eos_id=None, logprobs=False)
 
         def gen_peer(prompts=prompts, n_new=n_new):
             with torch.inference_mode():

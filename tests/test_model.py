@@ -96,6 +96,10 @@ def test_generation_logprobs_match_forward_and_sampling_is_seeded():
     for p, new, lps in zip(prompts, g.tokens, g.logprobs):
         total = log_likelihood(model, [p + new], [len(p)])[0]
         assert abs(total - sum(lps)) < 1e-3
+    # Without log-probabilities: the same tokens, none of the log-softmax work.
+    bare = generate(model, prompts, max_new_tokens=10, temperature=1.0, top_p=0.9, seed=3,
+                    eos_id=None, logprobs=False)
+    assert bare.tokens == g.tokens and bare.logprobs == [[], []]
 
 
 def test_generation_stops_on_eos_and_top_k_one_is_greedy():

@@ -167,19 +167,22 @@ def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor 
     [sum(out), in] matrix; None where it does not apply (outside `inference_copies`, autograd
     on, not CPU, FSDP DTensor, too large; packed: too small, not fp32, no oneDNN)."""
     store = _COPIES.get()
+    if store is None or torch.is_grad_enabled():
+        return None
+    key = (*(id(lin) for lin in linears), packed)
+    if key in store:  # decided once per block: the copy, or None
+        return store[key]
     w0 = linears[0].weight
     numel = len(linears) * w0.numel()
-    if store is None or torch.is_grad_enabled() or w0.device.type != "cpu" \
-            or type(w0.data) is not torch.Tensor or numel > INFERENCE_COPY_MAX_NUMEL:
+    store[key] = None
+    if w0.device.type != "cpu" or type(w0.data) is not torch.Tensor or numel > INFERENCE_COPY_MAX_NUMEL:
         return None
     if packed and (numel < PACKED_MIN_NUMEL or w0.dtype != torch.float32
                    or not torch.backends.mkldnn.is_available()):
         return None
-    key = (*(id(lin) for lin in linears), packed)
-    if key not in store:
-        w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
-        store[key] = (torch.ops.mkldnn._reorder_linear_weight(w) if packed
-                      else _blocked_copy(w, linears[0], key))
+    w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
+    store[key] = (torch.ops.mkldnn._reorder_linear_weight(w) if packed
+                  else _blocked_copy(w, linears[0], key))
     return store[key]
 
 
