@@ -165,7 +165,7 @@ def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor 
     """The cached [blocks, in, sum(out) / blocks] copy of `linears`' weights (blocks = 1 where
     the output width does not divide), or with `packed` oneDNN's prepacked copy of the
     [sum(out), in] matrix; None where it does not apply (outside `inference_copies`, autograd
-    on, not CPU, FSDP DTensor, too large; packed: too small, not fp32, no oneDNN)."""
+    on, not CPU, FSDP DTensor, too large; packed: too small, not fp32, no oneDNN op)."""
     store = _COPIES.get()
     if store is None or torch.is_grad_enabled():
         return None
@@ -178,7 +178,8 @@ def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor 
     if w0.device.type != "cpu" or type(w0.data) is not torch.Tensor or numel > INFERENCE_COPY_MAX_NUMEL:
         return None
     if packed and (numel < PACKED_MIN_NUMEL or w0.dtype != torch.float32
-                   or not torch.backends.mkldnn.is_available()):
+                   or not torch.backends.mkldnn.is_available()
+                   or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
     w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
     store[key] = (torch.ops.mkldnn._reorder_linear_weight(w) if packed
