@@ -213,6 +213,17 @@ def test_sampler_follows_the_distribution_and_top_k():
     assert bool((greedy == 0).all())
 
 
+def test_generation_under_autocast(decode_path, monkeypatch):
+    """Under bf16 autocast decoding follows autocast's dtype on either path (oneDNN's packed
+    fp32 weights would refuse the bf16 activations)."""
+    model, prompts = tiny(2), [[1, 5, 6, 7], [1, 9]]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = generate(model, prompts, max_new_tokens=8, eos_id=None)
+        monkeypatch.setattr("llama2.model.PACKED_MIN_NUMEL", 2**40)  # the blocked copy only
+        want = generate(model, prompts, max_new_tokens=8, eos_id=None)
+    assert got.tokens == want.tokens and got.logprobs == want.logprobs
+
+
 def test_greedy_is_argmax_with_its_tie_rule():
     from llama2.generation import greedy
 

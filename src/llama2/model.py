@@ -206,7 +206,9 @@ def _blocked_copy(w: torch.Tensor, owner: nn.Linear, key: tuple) -> torch.Tensor
 def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     """x through each of `linears` (no biases), through the cached copy when inferring."""
     w = None
-    if x.numel() >= PACKED_MIN_ROWS * x.shape[-1]:
+    # (Under autocast the products follow autocast's dtype: the blocked copy's bmm does.)
+    if x.numel() >= PACKED_MIN_ROWS * x.shape[-1] and x.dtype == torch.float32 \
+            and not torch.is_autocast_enabled(x.device.type):
         w = inference_weight(*linears, packed=True)
     if w is not None:
         out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
