@@ -54,10 +54,13 @@ def test_sharded_hf_folder_loads(tmp_path):
         assert (checkpoint.load(peer_dir).model(x) - model(x)).abs().max() < 1e-5
 
 
-@pytest.fixture(params=["blocked", "packed"])
+@pytest.fixture(params=["blocked", "packed", "plain"])
 def decode_path(request, monkeypatch):
-    """Run a test through both decoding matmuls: the blocked BLAS copy and oneDNN's packed
-    weights (model.py), which by default only large matrices take."""
+    """Run a test through each decoding matmul: the blocked BLAS copy, oneDNN's packed weights
+    (model.py; by default only large matrices take them) and the layers' own weights (past the
+    copies' memory budget)."""
+    if request.param == "plain":
+        monkeypatch.setattr("llama2.model.INFERENCE_COPY_BUDGET", 0)
     if request.param == "packed":
         if not torch.backends.mkldnn.is_available():
             pytest.skip("this torch build has no oneDNN (mkldnn)")

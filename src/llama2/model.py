@@ -132,9 +132,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # (15M config, weights streamed from memory: the 32k-vocabulary projection 1.9 -> 1.4 ms per
 # token; bench_model batch-1 decoding 1.9x -> 2.5x transformers). One product also replaces
 # two or three. The copies are valid only for the block (an optimizer may update weights in
-# place without a trace), made only with autograd off and for matrices up to this size (a 7B
-# model on CPU keeps its memory).
+# place without a trace), made only with autograd off, for matrices up to this size and up to
+# INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the layers past
+# the budget multiply by their own weights).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
+INFERENCE_COPY_BUDGET = 2 * 2**30
 INFERENCE_BLOCKS = 4
 INFERENCE_BUFFER_KEEP_NUMEL = 16 * 2**20  # copies kept between blocks up to 64 MB (fp32)
 # A large fp32 matrix times two rows or more (batched decoding, prefill, scoring) goes through
@@ -165,7 +167,8 @@ def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor 
     """The cached [blocks, in, sum(out) / blocks] copy of `linears`' weights (blocks = 1 where
     the output width does not divide), or with `packed` oneDNN's prepacked copy of the
     [sum(out), in] matrix; None where it does not apply (outside `inference_copies`, autograd
-    on, not CPU, FSDP DTensor, too large; packed: too small, not fp32, no oneDNN op)."""
+    on, not CPU, FSDP DTensor, too large, past the block's budget; packed: too small, not fp32,
+    no oneDNN op)."""
     store = _COPIES.get()
     if store is None or torch.is_grad_enabled():
         return None
@@ -181,6 +184,10 @@ def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor 
                    or not torch.backends.mkldnn.is_available()
                    or not hasattr(torch.ops.mkldnn, "_reorder_linear_weight")):
         return None
+    nbytes = numel * w0.element_size()
+    if store.get("bytes", 0) + nbytes > INFERENCE_COPY_BUDGET:
+        return None
+    store["bytes"] = store.get("bytes", 0) + nbytes
     w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
     store[key] = (torch.ops.mkldnn._reorder_linear_weight(w) if packed
                   else _blocked_copy(w, linears[0], key))
