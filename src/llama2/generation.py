@@ -171,15 +171,13 @@ def sample(
     for step in range(max_new_tokens):
         nxt = sample_next(logits, temps, tps, tks, generator)
         nxt_list, row_list = nxt.tolist(), rows.tolist()
-        logp_list = [None] * len(row_list)
         if logprobs:
             logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.view(-1, 1)).view(-1)
-            logp_list = logp.tolist()
-        done = []
-        for j, (r, t, lp) in enumerate(zip(row_list, nxt_list, logp_list)):
-            out_tokens[r].append(t)
-            if logprobs:
+            for r, lp in zip(row_list, logp.tolist()):
                 out_logprobs[r].append(lp)
+        done = []
+        for j, (r, t) in enumerate(zip(row_list, nxt_list)):
+            out_tokens[r].append(t)
             if on_token is not None:
                 on_token(r, t)
             if t == eos_id or (stop is not None and stop(r, out_tokens[r])):
