@@ -34,7 +34,7 @@ def _args(dataset: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
             "--train.max_steps", str(steps), "--train.micro_batch_size", "4",
             "--train.global_batch", "16", "--train.save_every", "5", "--train.keep_checkpoints",
             "5", "--train.eval_every", "5", "--train.eval_batches", "4", "--train.progress",
-            "false", "--train.dtype", "float32", *extra]
+            "false", "--train.dtype", "float32", "--train.device", "cpu", *extra]
 
 
 def _run(args: list[str], procs: int) -> None:

@@ -56,6 +56,11 @@ def init(device: str = "auto") -> DistInfo:
         return DistInfo(device=dev)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if dev.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            # NCCL cannot put two ranks on one GPU; say so instead of a CUDA error later.
+            raise RuntimeError(f"local rank {local_rank} has no GPU: this node has "
+                               f"{torch.cuda.device_count()}; launch at most that many "
+                               "processes per node, or set --train.device cpu (gloo)")
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():

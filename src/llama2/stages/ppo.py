@@ -110,7 +110,8 @@ class Rollout:
     targets: torch.Tensor  # [B, L] the response tokens
 
 
-def build_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int) -> Rollout:
+def build_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: int,
+                  device: torch.device | str = "cpu") -> Rollout:
     seqs = [p + r for p, r in zip(prompts, responses)]
     T = max(len(s) for s in seqs)
     L = max(1, max(len(r) for r in responses))
@@ -123,7 +124,7 @@ def build_rollout(prompts: list[list[int]], responses: list[list[int]], pad_id: 
         index[b] = (len(p) - 1 + torch.arange(L)).clamp_max(T - 1)
         mask[b, : len(r)] = 1
         targets[b, : len(r)] = torch.tensor(r, dtype=torch.long) if r else targets[b, :0]
-    return Rollout(tokens, index, mask, targets)
+    return Rollout(tokens.to(device), index.to(device), mask.to(device), targets.to(device))
 
 
 def response_logprobs(policy, ro: Rollout, with_entropy: bool = False):
@@ -182,22 +183,24 @@ class PPO:
         self.policy.eval()
         ids, responses, texts, gen_logp = self.respond(prompts, cfg.temperature,
                                                        seed=cfg.seed * 100_003 + self.iteration)
-        ro = build_rollout(ids, responses, self.tok.pad_id)
+        device = self.policy.output.weight.device
+        ro = build_rollout(ids, responses, self.tok.pad_id, device)
         # The generator's log-probabilities are the policy's own (temperature 1, no top-p), so
         # no second forward pass is needed for the old policy.
-        old_logp = torch.zeros_like(ro.mask)
+        old_logp = torch.zeros(ro.mask.shape)
         for b, lp in enumerate(gen_logp):
             old_logp[b, : len(lp)] = torch.tensor(lp)
+        old_logp = old_logp.to(device)
         ref_logp = response_logprobs(self.ref, ro)
         old_values = response_values(self.value, ro) * ro.mask
         scores = self.rewards([p.dialog for p in prompts], texts,
                               [p.kind == "safety" for p in prompts])
         # R = WHITEN(LOGIT(Rc)) at the last token, minus beta * KL per token (paper §3.2.3).
-        score = whiten(logit(scores["rc"]))
+        score = whiten(logit(scores["rc"])).to(device)
         kl = (old_logp - ref_logp) * ro.mask
         rewards = -cfg.beta * kl
         last = (ro.mask.sum(1).long() - 1).clamp_min(0)
-        rewards[torch.arange(len(prompts)), last] += score
+        rewards[torch.arange(len(prompts), device=device), last] += score
         adv, returns = gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
         adv = masked_whiten(adv, ro.mask)
         stats = {"reward": float(scores["rc"].mean()), "rs": float(scores["rs"].mean()),
