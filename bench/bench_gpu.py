@@ -27,7 +27,8 @@ from llama2.engine.distributed import DistInfo, shard_model
 from llama2.generation import generate
 from llama2.model import ModelArgs, Transformer, preset
 
-# Dense bf16 peak of the card (H100 SXM: 989 TFLOP/s; H200 the same chip); CPU: a nominal 1.
+# Dense bf16 peak of the card (H100 SXM: 989 TFLOP/s; the H200 has the same chip); elsewhere
+# (CPU) a nominal 1 TFLOP/s.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
