@@ -24,12 +24,9 @@ import torch.distributed as dist
 from llama2 import checkpoint
 from llama2.engine import TrainConfig, causal_lm_loss, make_optimizer
 from llama2.engine.distributed import DistInfo, shard_model
+from llama2.engine.trainer import flops_per_token, peak_flops
 from llama2.generation import generate
 from llama2.model import ModelArgs, Transformer, preset
-
-# Dense bf16 peak of the card (H100 SXM: 989 TFLOP/s; the H200 has the same chip); elsewhere
-# (CPU) a nominal 1 TFLOP/s.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
 def sync(dev: torch.device) -> None:
@@ -37,16 +34,21 @@ def sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def check_parity(dev: torch.device) -> None:
+def hf_peer(model: Transformer, dev: torch.device):
+    """transformers' LlamaForCausalLM with `model`'s weights (through the HF export), on `dev`."""
     from transformers import LlamaForCausalLM
 
+    with tempfile.TemporaryDirectory() as d:
+        checkpoint.export_hf(model, None, d)
+        return LlamaForCausalLM.from_pretrained(d).to(dev).eval()
+
+
+def check_parity(dev: torch.device) -> None:
     torch.manual_seed(0)
     tiny = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=300,
                                  multiple_of=16, max_seq_len=128))
     tiny.init_weights(0.1)
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint.export_hf(tiny, None, d)
-        peer = LlamaForCausalLM.from_pretrained(d).to(dev).eval()
+    peer = hf_peer(tiny, dev)
     tiny = tiny.to(dev).eval()
     x = torch.randint(0, 300, (3, 50), device=dev)
     with torch.no_grad():
@@ -80,12 +82,10 @@ def bench_train(args: ModelArgs, dev: torch.device, batch: int, steps: int, comp
     opt = make_optimizer(model, TrainConfig(lr=3e-4, device=str(dev)))
     T = args.max_seq_len
     n_params = sum(p.numel() for n, p in model.named_parameters() if "tok_embeddings" not in n)
-    # 6N per token for the matrices, plus attention's 12 L d T (PaLM's MFU, appendix B).
-    flops_tok = 6 * n_params + 12 * args.n_layers * args.dim * T
-    name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), 1e12)
+    flops_tok, peak = flops_per_token(model, T), peak_flops(dev, "bfloat16")
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
     def tokens() -> torch.Tensor:  # fresh random tokens each step: nothing to memorize
         return torch.randint(0, args.vocab_size, (batch, T + 1), device=dev)
 
@@ -131,14 +131,10 @@ def check_fsdp(dev: torch.device, steps: int = 4) -> None:
 
 
 def bench_generate(args: ModelArgs, dev: torch.device, new_tokens: int = 64) -> None:
-    from transformers import LlamaForCausalLM
-
     torch.manual_seed(0)
     model = Transformer(args)
     model.init_weights()
-    with tempfile.TemporaryDirectory() as d:
-        checkpoint.export_hf(model, None, d)
-        peer = LlamaForCausalLM.from_pretrained(d).to(dev).eval()
+    peer = hf_peer(model, dev)
     model = model.to(dev).eval()
     for batch in (1, 16):
         prompt = torch.randint(3, args.vocab_size, (batch, 16), device=dev)

@@ -22,8 +22,8 @@ from llama2.model import Transformer, causal_padding_mask, inference_copies
 class Generation:
     """New tokens per prompt, their log-probabilities under the model (temperature 1, before
     top-k/top-p: the policy's own probability, what PPO and rejection sampling need; empty lists
-    when not asked for), and
-    whether each row stopped on EOS or a stop rule (True) or ran out of tokens (False)."""
+    when not asked for), and whether each row stopped on EOS or a stop rule (True) or ran out
+    of tokens (False)."""
 
     tokens: list[list[int]]
     logprobs: list[list[float]]
