@@ -77,10 +77,11 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     return torch.where(sampled_rows, choice, greedy(logits))
 
 
-def generate(*args, **kwargs) -> Generation:
-    """`sample` with autograd off and the decode-friendly weight copies (model.py)."""
-    with torch.inference_mode(), inference_copies():
-        return sample(*args, **kwargs)
+def generate(model: Transformer, prompts: list[list[int]], *args, **kwargs) -> Generation:
+    """`sample` with autograd off and the decode-friendly weight copies (model.py); one prompt
+    decodes one row per step, where oneDNN's packed copies would not pay for themselves."""
+    with torch.inference_mode(), inference_copies(packed=len(prompts) > 1):
+        return sample(model, prompts, *args, **kwargs)
 
 
 def sample(
