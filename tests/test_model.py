@@ -216,6 +216,31 @@ def test_sampler_follows_the_distribution_and_top_k():
     assert bool((greedy == 0).all())
 
 
+def test_truncate_equals_a_full_sort():
+    """Top-k/top-p by ranking only the most probable tokens (growing the ranked set while a
+    nucleus may reach past it) keeps exactly the tokens a full sort of the vocabulary keeps."""
+    from llama2.generation import truncate
+
+    def by_sort(logits, top_p, top_k):
+        sorted_logits, order = logits.sort(-1, descending=True)
+        rank = torch.arange(logits.shape[-1]).view(1, -1)
+        probs = sorted_logits.softmax(-1)
+        drop = ((top_k > 0) & (rank >= top_k)) | ((probs.cumsum(-1) - probs) >= top_p)
+        cut = torch.full_like(logits, float("-inf")).scatter(
+            -1, order, sorted_logits.masked_fill(drop, float("-inf")))
+        return torch.where((top_k > 0) | (top_p < 1), cut, logits)
+
+    g = torch.Generator().manual_seed(0)
+    top_p = torch.tensor([[0.9], [0.5], [1.0], [1.0], [0.999], [0.95]])
+    top_k = torch.tensor([[0], [0], [40], [0], [0], [300]])
+    for scale in (8.0, 1.0, 0.01):  # peaked to nearly flat: nuclei of a few to ~all tokens
+        logits = torch.randn(6, 5000, generator=g) * scale
+        got, want = truncate(logits, top_p, top_k), by_sort(logits, top_p, top_k)
+        assert torch.equal(got.isinf(), want.isinf())
+        assert torch.equal(got[~got.isinf()], logits[~got.isinf()])
+    assert torch.equal(truncate(logits, top_p, top_k)[3], logits[3])  # top_p 1, top_k 0
+
+
 def test_generation_under_autocast(decode_path, monkeypatch):
     """Under bf16 autocast decoding follows autocast's dtype on either path (oneDNN's packed
     fp32 weights would refuse the bf16 activations)."""
