@@ -3,6 +3,12 @@
 Prints forward+backward tokens/s and generation tokens/s (batch 1 and 16) for both, and the
 ratio. The 15M config of llama2.c (dim 288, 6 layers, 6 heads, vocab 32000, seq 256).
 
+For generation it also prints a bound: one decoding step's matrix products alone (every weight
+read once, through the same kernels and weight copies `generate` uses), timed back to back,
+and the ratio to transformers a generator that did nothing else would reach on this machine
+now. At batch 1 the products stream the weights from memory, so the bound moves with the
+memory bandwidth other tenants leave.
+
     python bench/bench_model.py [--dtype float32|bfloat16] [--steps 5] [--new-tokens 64]
 """
 
@@ -18,7 +24,7 @@ import torch.nn.functional as F
 
 from llama2 import checkpoint
 from llama2.generation import generate
-from llama2.model import preset
+from llama2.model import inference_copies, preset, project
 
 
 def paired_times(ours, peer, rounds: int) -> tuple[float, float]:
@@ -32,6 +38,25 @@ def paired_times(ours, peer, rounds: int) -> tuple[float, float]:
             fn()
             out.append(time.perf_counter() - t0)
     return statistics.median(t_ours), statistics.median(t_peer)
+
+
+def products_alone(model, rows: int, steps: int, rounds: int) -> float:
+    """Median seconds for `steps` decoding steps' matrix products and nothing else."""
+    args = model.args
+    x, xh = torch.randn(rows, 1, args.dim), torch.randn(rows, 1, args.ffn_hidden_dim)
+
+    def decode_steps():
+        for _ in range(steps):
+            for layer in model.layers:
+                att, ffn = layer.attention, layer.feed_forward
+                project(x, att.wq, att.wk, att.wv)
+                project(x, att.wo)
+                project(x, ffn.w1, ffn.w3)
+                project(xh, ffn.w2)
+            project(x[:, -1], model.output)
+
+    with torch.inference_mode(), inference_copies(packed=rows > 1):
+        return paired_times(decode_steps, lambda: None, rounds)[0]
 
 
 def main() -> None:
@@ -88,8 +113,11 @@ def main() -> None:
                               do_sample=False, pad_token_id=0)
 
         t_ours, t_peer = paired_times(gen_ours, gen_peer, a.rounds)
+        t_bound = products_alone(ours, batch, n_new, a.rounds)
         print(f"generate batch {batch:2d}  ours {batch * n_new / t_ours:9.0f} tok/s  "
-              f"transformers {batch * n_new / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
+              f"transformers {batch * n_new / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x  "
+              f"(bound: the matrix products alone {batch * n_new / t_bound:.0f} tok/s, "
+              f"{t_peer / t_bound:.2f}x)")
 
 
 if __name__ == "__main__":
