@@ -216,6 +216,20 @@ def test_sampler_follows_the_distribution_and_top_k():
     assert bool((greedy == 0).all())
 
 
+def test_rmsnorm_inference_path_is_bitwise_the_reference_formula():
+    """The fp32 no-grad path (fewer operations, for decoding) gives exactly the training path."""
+    from llama2.model import RMSNorm
+
+    norm = RMSNorm(96)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for shape in [(1, 1, 96), (16, 1, 96), (4, 33, 96)]:
+        x = torch.randn(shape) * 3
+        with torch.no_grad():
+            fast = norm(x)
+        assert torch.equal(fast, norm(x))  # autograd on: the reference formula
+
+
 def test_truncate_equals_a_full_sort():
     """Top-k/top-p by ranking only the most probable tokens (growing the ranked set while a
     nucleus may reach past it) keeps exactly the tokens a full sort of the vocabulary keeps."""

@@ -99,6 +99,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and not torch.is_grad_enabled():
+            # Inference in fp32: the same arithmetic in fewer operations and allocations
+            # (decoding pays per operation; mean is sum, then divide).
+            ms = (x * x).sum(-1, keepdim=True).div_(x.shape[-1])
+            return x * ms.add_(self.eps).rsqrt_() * self.weight
         # Normalize in fp32 as the reference does, then cast back (matters under bf16).
         xf = x.float()
         out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
