@@ -240,7 +240,7 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
         return linears[0](x) if len(linears) == 1 else torch.cat([lin(x) for lin in linears], -1)
     blocks = w.shape[0]
     if x.numel() == n_in:  # one row: [blocks, 1, width] is already the row's layout
-        return torch.bmm(x.view(1, 1, n_in).expand(blocks, 1, n_in), w).view(*x.shape[:-1], -1)
+        return torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in), w).view(*x.shape[:-1], -1)
     rows = x.reshape(1, -1, n_in).expand(blocks, -1, -1)
     # [blocks, rows, width] -> [rows, blocks * width]
     return torch.bmm(rows, w).transpose(0, 1).reshape(*x.shape[:-1], -1)
