@@ -230,6 +230,23 @@ def test_rmsnorm_inference_path_is_bitwise_the_reference_formula():
         assert torch.equal(fast, norm(x))  # autograd on: the reference formula
 
 
+def test_held_copies_are_made_once_and_decode_the_same(monkeypatch):
+    """A block held around several generate calls (chat, the server) makes each decoding copy
+    once, and the calls generate exactly what they generate alone."""
+    from llama2 import model as model_mod
+
+    model, prompts = tiny(2), [[1, 5, 6, 7], [1, 9]]
+    alone = [generate(model, prompts, max_new_tokens=8, eos_id=None) for _ in range(2)]
+    made = []
+    real = model_mod._make_copy
+    monkeypatch.setattr(model_mod, "_make_copy", lambda *a: made.append(a[1:]) or real(*a))
+    with model_mod.inference_copies():
+        held = [generate(model, prompts, max_new_tokens=8, eos_id=None) for _ in range(2)]
+    assert [g.tokens for g in held] == [g.tokens for g in alone]
+    assert [g.logprobs for g in held] == [g.logprobs for g in alone]
+    assert made and len(made) == len(set(made))  # one copy per matrix group, not per call
+
+
 def test_truncate_equals_a_full_sort():
     """Top-k/top-p by ranking only the most probable tokens (growing the ranked set while a
     nucleus may reach past it) keeps exactly the tokens a full sort of the vocabulary keeps."""

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llama2.generation import generate
-from llama2.model import Transformer
+from llama2.model import Transformer, inference_copies
 from llama2.tokenizer import Tokenizer
 
 log = logging.getLogger("llama2.serve")
@@ -207,6 +207,11 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
+        # The weights never change while serving: make the decoding copies once (model.py).
+        with inference_copies():
+            self._serve()
+
+    def _serve(self) -> None:
         while True:
             with self.cond:
                 while not self.queue and not self._closed:

@@ -15,6 +15,7 @@ from typing import TextIO
 from llama2.chat import DEFAULT_SYSTEM_PROMPT, Dialog, encode_prompt
 from llama2.commands import DTYPES, add_sampling_args, load_for_inference
 from llama2.generation import generate, truncate_at_eos
+from llama2.model import inference_copies
 from llama2.utils import atomic_write_text
 
 
@@ -65,6 +66,12 @@ class ChatSession:
 
 
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
+    # One dialog, fixed weights: the decoding copies are made once, not per turn (model.py).
+    with inference_copies(packed=False):
+        _run(session, stdin, stdout)
+
+
+def _run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
     interactive = stdin.isatty()
 
     def write(s: str) -> None:
