@@ -129,7 +129,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return (xf * cos.unsqueeze(2) + swapped * sin.unsqueeze(2)).type_as(x)
 
 
-# Inside `inference_copies()` (one generation call, while the weights cannot change), CPU
+# Inside `inference_copies()` (a generation call, or a longer block that its caller holds while
+# the weights cannot change), CPU
 # matmuls multiply by contiguous copies of the transposed (and, for q/k/v and w1/w3,
 # concatenated) weights, cut along the output dimension into INFERENCE_BLOCKS blocks
 # [blocks, in, out / blocks]: one batched product over the blocks runs them on all cores,
