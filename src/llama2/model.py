@@ -130,17 +130,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # Inside `inference_copies()` (a generation call, or a longer block that its caller holds while
-# the weights cannot change), CPU
-# matmuls multiply by contiguous copies of the transposed (and, for q/k/v and w1/w3,
-# concatenated) weights, cut along the output dimension into INFERENCE_BLOCKS blocks
-# [blocks, in, out / blocks]: one batched product over the blocks runs them on all cores,
-# where the BLAS runs a decoding step's matrix-vector product (x [1-16, in]) on one core
-# (15M config, weights streamed from memory: the 32k-vocabulary projection 1.9 -> 1.4 ms per
-# token; bench_model batch-1 decoding 1.9x -> 2.5x transformers). One product also replaces
-# two or three. The copies are valid only for the block (an optimizer may update weights in
-# place without a trace), made only with autograd off, for matrices up to this size and up to
-# INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the layers past
-# the budget multiply by their own weights).
+# the weights cannot change), CPU matmuls multiply by contiguous copies of the transposed (and,
+# for q/k/v and w1/w3, concatenated) weights, cut along the output dimension into
+# INFERENCE_BLOCKS blocks [blocks, in, out / blocks]: one batched product over the blocks runs
+# them on all cores, where the BLAS runs a decoding step's matrix-vector product (x [1-16, in])
+# on one core (15M config, weights streamed from memory: the 32k-vocabulary projection 1.9 ->
+# 1.4 ms per token; bench_model batch-1 decoding 1.9x -> 2.5x transformers). One product also
+# replaces two or three. The copies are valid only for the block (an optimizer may update
+# weights in place without a trace), made only with autograd off, for matrices up to this size
+# and up to INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the
+# layers past the budget multiply by their own weights).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
 INFERENCE_COPY_BUDGET = 2 * 2**30
 INFERENCE_BLOCKS = 4
