@@ -227,9 +227,9 @@ def _blocked_copy(w: torch.Tensor, owner: nn.Linear) -> torch.Tensor:
     return buf
 
 
-def project(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
-    """x through `linears` (no biases), their outputs concatenated on the last dimension;
-    through the cached copy when inferring. (Decoding calls this ~25 times per token, so it
+def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
+    """x through each of `linears` (no biases), through the cached copy when inferring: one
+    product for all of them, split into views. (Decoding calls this ~25 times per token, so it
     keeps its Python work small.)"""
     n_in = x.shape[-1]
     w = None
@@ -238,16 +238,18 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> torch.Tensor:
             and not torch.is_autocast_enabled(x.device.type):
         w = inference_weight(*linears, packed=True)
     if w is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    w = inference_weight(*linears)
-    if w is None:
-        return linears[0](x) if len(linears) == 1 else torch.cat([lin(x) for lin in linears], -1)
-    blocks = w.shape[0]
-    if x.numel() == n_in:  # one row: [blocks, 1, width] is already the row's layout
-        return torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in), w).view(*x.shape[:-1], -1)
-    rows = x.reshape(1, -1, n_in).expand(blocks, -1, -1)
-    # [blocks, rows, width] -> [rows, blocks * width]
-    return torch.bmm(rows, w).transpose(0, 1).reshape(*x.shape[:-1], -1)
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    elif (w := inference_weight(*linears)) is None:
+        return tuple(lin(x) for lin in linears)
+    elif x.numel() == n_in:  # one row: [blocks, 1, width] is already the row's layout
+        out = torch.bmm(x.reshape(1, 1, n_in).expand(w.shape[0], 1, n_in), w)
+        out = out.view(*x.shape[:-1], -1)
+    else:  # [blocks, rows, width] -> [rows, blocks * width]
+        rows = x.reshape(1, -1, n_in).expand(w.shape[0], -1, -1)
+        out = torch.bmm(rows, w).transpose(0, 1).reshape(*x.shape[:-1], -1)
+    if len(linears) == 1:
+        return (out,)
+    return out.split_with_sizes([lin.out_features for lin in linears], -1)
 
 
 class KVCache:
@@ -286,11 +288,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: KVCache | None = None, start: int = 0,
                 slots: torch.Tensor | None = None):
         B, T, _ = x.shape
-        qkv = project(x, self.wq, self.wk, self.wv).view(B, T, -1, self.head_dim)
+        q, k, v = project(x, self.wq, self.wk, self.wv)
         # Rotate queries and keys in one call: they share positions.
-        qk = apply_rope(qkv[:, :, : self.n_heads + self.n_kv_heads], cos, sin)
+        qk = apply_rope(torch.cat((q, k), -1).view(B, T, -1, self.head_dim), cos, sin)
         q, k = qk.split_with_sizes((self.n_heads, self.n_kv_heads), 2)
-        v = qkv[:, :, self.n_heads + self.n_kv_heads:]
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if slots is not None:  # unpadded tokens [1, T]: attend in the mask's padded layout
             q, k, v = (to_slots(t[0], slots, mask.shape[0], mask.shape[-1]) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
@@ -304,7 +306,7 @@ class Attention(nn.Module):
         out = out.transpose(1, 2)
         if slots is not None:
             out = out.flatten(0, 1)[slots]
-        return project(out.reshape(B, T, -1), self.wo)
+        return project(out.reshape(B, T, -1), self.wo)[0]
 
 
 def to_slots(x: torch.Tensor, slots: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -321,8 +323,8 @@ class FeedForward(nn.Module):
         self.w3 = nn.Linear(dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = project(x, self.w1, self.w3).chunk(2, -1)
-        return project(F.silu(gate) * up, self.w2)  # SwiGLU
+        gate, up = project(x, self.w1, self.w3)
+        return project(F.silu(gate) * up, self.w2)[0]  # SwiGLU
 
 
 class TransformerBlock(nn.Module):
@@ -400,7 +402,7 @@ class Transformer(nn.Module):
         """The vocabulary projection of hidden states [..., dim]."""
         if not isinstance(self.output, nn.Linear):  # a reward model's transformer
             return self.output(h)
-        return project(h, self.output)
+        return project(h, self.output)[0]
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
         p = self.output.weight
