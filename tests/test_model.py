@@ -294,9 +294,10 @@ def test_greedy_is_argmax_with_its_tie_rule():
 
 
 def test_decode_copies_follow_in_place_weight_updates(decode_path):
-    """The blocked weight copies that decoding multiplies by are refilled for every generate
-    call: an in-place update (as an optimizer step makes, possibly without bumping the version
-    counter) shows in the next call's log-probabilities, which match a plain forward."""
+    """The weight copies that decoding multiplies by are kept between generate calls only
+    while the weights are unchanged: an in-place update, even one that bypasses the version
+    counter (`.data`), shows in the next call's log-probabilities, which match a plain
+    forward."""
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=96,
                               multiple_of=16, max_seq_len=64))
@@ -318,3 +319,31 @@ def test_decode_copies_follow_in_place_weight_updates(decode_path):
             if p.dim() == 2:
                 p.data.mul_(1.5)  # .data: no version-counter trace
     assert check() != before
+
+
+def test_kept_copies_are_reused_until_an_optimizer_step(monkeypatch):
+    """Separate generate calls reuse the decoding copies (no copy on the second call); an
+    optimizer step makes the next call copy again and decode the updated weights."""
+    from llama2 import model as model_mod
+
+    model, prompts = tiny(2), [[1, 5, 6, 7], [1, 9]]
+    made = []
+    real = model_mod._blocked_copy
+    monkeypatch.setattr(model_mod, "_blocked_copy", lambda *a: made.append(1) or real(*a))
+    first = generate(model, prompts, max_new_tokens=8, eos_id=None)
+    n_copies = len(made)
+    assert n_copies > 0
+    assert generate(model, prompts, max_new_tokens=8, eos_id=None) == first
+    assert len(made) == n_copies
+
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model(torch.tensor([[1, 5, 6, 7, 8]])).logsumexp(-1).mean().backward()
+    opt.step()
+    after = generate(model, prompts, max_new_tokens=8, eos_id=None)
+    assert len(made) == 2 * n_copies
+    seq = torch.tensor([prompts[0] + after.tokens[0]])
+    with torch.no_grad():
+        ref = torch.log_softmax(model(seq[:, :-1]), -1)[0, len(prompts[0]) - 1:]
+    want = ref.gather(-1, seq[0, len(prompts[0]):].view(-1, 1)).view(-1)
+    assert torch.allclose(torch.tensor(after.logprobs[0]), want, atol=1e-4)
+    assert after.logprobs != first.logprobs

@@ -11,6 +11,7 @@ grouped-query attention through `scaled_dot_product_attention`, no biases, untie
 from __future__ import annotations
 
 import math
+import weakref
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
@@ -136,14 +137,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # them on all cores, where the BLAS runs a decoding step's matrix-vector product (x [1-16, in])
 # on one core (15M config, weights streamed from memory: the 32k-vocabulary projection 1.9 ->
 # 1.4 ms per token; bench_model batch-1 decoding 1.9x -> 2.5x transformers). One product also
-# replaces two or three. The copies are valid only for the block (an optimizer may update
-# weights in place without a trace), made only with autograd off, for matrices up to this size
-# and up to INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the
-# layers past the budget multiply by their own weights).
+# replaces two or three. The copies are made only with autograd off, for matrices up to this
+# size and up to INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the
+# layers past the budget multiply by their own weights). Within a block the weights must not
+# change; between blocks a copy of up to INFERENCE_KEEP_NUMEL elements stays on its layer and
+# is reused while the weights are the ones it was made from (`_same_source`), so separate
+# generate calls with unchanged weights (evaluation loops, sampling K answers, `llama2
+# generate` prompts) skip the copying (15M config: ~8 of a batch-1 call's 14 ms before its
+# first new token).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
 INFERENCE_COPY_BUDGET = 2 * 2**30
 INFERENCE_BLOCKS = 4
-INFERENCE_BUFFER_KEEP_NUMEL = 16 * 2**20  # copies kept between blocks up to 64 MB (fp32)
+INFERENCE_KEEP_NUMEL = 16 * 2**20  # 64 MB (fp32) per matrix group
 # A large fp32 matrix times two rows or more (batched decoding, prefill, scoring) goes through
 # oneDNN's prepacked GEMM instead, the kernel inductor uses for CPU inference with frozen
 # weights: it beats the BLAS on this CPU from 2 rows on (15M config, 32k x 288 head: 16 rows
@@ -160,8 +165,8 @@ def inference_copies(packed: bool = True):
     """Enable the cached weight copies for the block (nested blocks share the outer cache).
 
     Each `generate` call opens one; a caller whose weights stay fixed over many calls (a chat
-    session, the server's worker) holds one open around them all, so the copies are made once
-    rather than per call (15M config: ~15 ms a call; a 7B model on CPU: its 2 GB budget).
+    session, the server's worker) holds one open around them all, so even the copies too large
+    to keep between blocks are made once (a 7B model on CPU: up to its 2 GB budget).
 
     packed=False: no oneDNN copies, for work that is mostly one row at a time (decoding one
     sequence): packing a 32k x 288 head costs 16 ms, more than its prefill saves."""
@@ -203,28 +208,60 @@ def _make_copy(store: dict, linears: tuple[nn.Linear, ...], packed: bool) -> tor
     if store.get("bytes", 0) + nbytes > INFERENCE_COPY_BUDGET:
         return None
     store["bytes"] = store.get("bytes", 0) + nbytes
+    kept = linears[0].__dict__.setdefault("_inference_kept", {})
+    entry = kept.get(packed)
+    if entry is not None and _same_source(entry[0], linears):
+        return entry[1]
     w = torch.cat([lin.weight.detach() for lin in linears]) if len(linears) > 1 else w0.detach()
-    return (torch.ops.mkldnn._reorder_linear_weight(w) if packed
-            else _blocked_copy(w, linears[0]))
+    if packed:
+        copy = torch.ops.mkldnn._reorder_linear_weight(w)
+    else:
+        copy = _blocked_copy(w, entry[1] if entry is not None else None)
+    if numel <= INFERENCE_KEEP_NUMEL:
+        kept[packed] = (_source(linears), copy)
+    else:
+        kept.pop(packed, None)
+    return copy
 
 
-def _blocked_copy(w: torch.Tensor, owner: nn.Linear) -> torch.Tensor:
+def _sampled(w: torch.Tensor) -> torch.Tensor:
+    flat = w.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // 64) | 1]  # odd stride: never one column only
+
+
+def _source(linears: tuple[nn.Linear, ...]) -> tuple:
+    """What a kept copy was made from: the weight tensors (by weak reference), their storage
+    and version counters, and a sample of their values."""
+    ws = [lin.weight for lin in linears]
+    return ([weakref.ref(w) for w in ws], [(w.data_ptr(), w._version) for w in ws],
+            [_sampled(w).clone() for w in ws])
+
+
+def _same_source(source: tuple, linears: tuple[nn.Linear, ...]) -> bool:
+    """True when `linears` still hold exactly the weights a kept copy was made from. PyTorch
+    bumps a tensor's version counter on every in-place write through an operator (optimizer
+    steps, load_state_dict, init); writes that bypass it (through `.data`, numpy) change the
+    values the sample holds."""
+    refs, stamps, samples = source
+    ws = [lin.weight for lin in linears]
+    return (all(r() is w for r, w in zip(refs, ws, strict=True))
+            and all((w.data_ptr(), w._version) == st for w, st in zip(ws, stamps))
+            and all(torch.equal(_sampled(w), sa) for w, sa in zip(ws, samples)))
+
+
+def _blocked_copy(w: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
     n_out, n_in = w.shape
     blocks = INFERENCE_BLOCKS if n_out % INFERENCE_BLOCKS == 0 else 1
     src = w.view(blocks, n_out // blocks, n_in).transpose(1, 2)
-    # The copy is made afresh for every block (the weights may have changed), but into memory
-    # kept on the layer where it is small: a fresh allocation of that size is paged in on first
-    # touch, which costs 2-3x the copy itself (18 vs 7 ms for a 32k x 288 head).
-    buf = owner.__dict__.get("_inference_buffer")
-    if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
-        buf = torch.empty(src.shape, dtype=src.dtype)
-        if buf.numel() <= INFERENCE_BUFFER_KEEP_NUMEL:
-            owner.__dict__["_inference_buffer"] = buf
+    # Into the stale kept copy where there is one: a fresh allocation of that size is paged in
+    # on first touch, which costs 2-3x the copy itself (18 vs 7 ms for a 32k x 288 head).
+    if out is None or out.shape != src.shape or out.dtype != src.dtype:
+        out = torch.empty(src.shape, dtype=src.dtype)
     # Transpose in strips of 256 output columns: a strip's source rows stay in L2 while it is
     # written (32k x 288 head: 9 -> 5 ms, where one strided copy misses cache on every row).
     for j in range(0, src.shape[2], 256):
-        buf[:, :, j:j + 256].copy_(src[:, :, j:j + 256])
-    return buf
+        out[:, :, j:j + 256].copy_(src[:, :, j:j + 256])
+    return out
 
 
 def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
