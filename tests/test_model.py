@@ -347,3 +347,20 @@ def test_kept_copies_are_reused_until_an_optimizer_step(monkeypatch):
     want = ref.gather(-1, seq[0, len(prompts[0]):].view(-1, 1)).view(-1)
     assert torch.allclose(torch.tensor(after.logprobs[0]), want, atol=1e-4)
     assert after.logprobs != first.logprobs
+
+
+@pytest.mark.parametrize("n_in,n_out", [(64, 96), (30, 96), (64, 90), (30, 90)])
+@pytest.mark.parametrize("packed", [False, True])
+def test_projection_through_each_copy_layout_equals_the_linears(n_in, n_out, packed):
+    """One row and several, through the one-sequence copy (the transposed matrix: one row cut
+    along the input dimension, rows by column blocks) and the batch's (output blocks), with
+    dimensions that the blocks divide and do not."""
+    from llama2.model import inference_copies, project
+
+    torch.manual_seed(0)
+    lins = (torch.nn.Linear(n_in, n_out, bias=False), torch.nn.Linear(n_in, 2 * n_out, bias=False))
+    for x in (torch.randn(1, 1, n_in), torch.randn(3, 5, n_in)):
+        with torch.inference_mode(), inference_copies(packed=packed):
+            got = project(x, *lins)
+        for g, lin in zip(got, lins, strict=True):
+            assert torch.allclose(g, lin(x), atol=1e-5)

@@ -132,19 +132,21 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 # Inside `inference_copies()` (a generation call, or a longer block that its caller holds while
 # the weights cannot change), CPU matmuls multiply by contiguous copies of the transposed (and,
-# for q/k/v and w1/w3, concatenated) weights, cut along the output dimension into
-# INFERENCE_BLOCKS blocks [blocks, in, out / blocks]: one batched product over the blocks runs
-# them on all cores, where the BLAS runs a decoding step's matrix-vector product (x [1-16, in])
-# on one core (15M config, weights streamed from memory: the 32k-vocabulary projection 1.9 ->
-# 1.4 ms per token; bench_model batch-1 decoding 1.9x -> 2.5x transformers). One product also
-# replaces two or three. The copies are made only with autograd off, for matrices up to this
-# size and up to INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the
-# layers past the budget multiply by their own weights). Within a block the weights must not
-# change; between blocks a copy of up to INFERENCE_KEEP_NUMEL elements stays on its layer and
-# is reused while the weights are the ones it was made from (`_same_source`), so separate
-# generate calls with unchanged weights (evaluation loops, sampling K answers, `llama2
-# generate` prompts) skip the copying (15M config: ~8 of a batch-1 call's 14 ms before its
-# first new token).
+# for q/k/v and w1/w3, concatenated) weights, cut into INFERENCE_BLOCKS blocks: one batched
+# product over the blocks runs them on all cores, where the BLAS runs a decoding step's
+# matrix-vector product (x [1-16, in]) on one core (15M config, weights streamed from memory:
+# the 32k-vocabulary projection 1.9 -> 1.4 ms per token; bench_model batch-1 decoding 1.9x ->
+# 2.5x transformers). A batch cuts the copy along the output dimension, [blocks, in, out /
+# blocks]; one sequence keeps the whole transposed matrix [1, in, out] and cuts its one row's
+# product along the input dimension (`project`). One product also replaces two or three.
+# The copies are made only with autograd off, for matrices up to this size and up to
+# INFERENCE_COPY_BUDGET bytes per block (a 7B model on CPU keeps its memory: the layers past
+# the budget multiply by their own weights). Within a block the weights must not change;
+# between blocks a copy of up to INFERENCE_KEEP_NUMEL elements stays on its layer (one per
+# layout) and is reused while the weights are the ones it was made from (`_same_source`), so
+# separate generate calls with unchanged weights (evaluation loops, sampling K answers,
+# `llama2 generate` prompts) skip the copying (15M config: ~8 of a batch-1 call's 14 ms before
+# its first new token).
 INFERENCE_COPY_MAX_NUMEL = 64 * 2**20
 INFERENCE_COPY_BUDGET = 2 * 2**30
 INFERENCE_BLOCKS = 4
@@ -247,7 +249,7 @@ def _same_source(source: tuple, linears: tuple[nn.Linear, ...]) -> bool:
     values the sample holds."""
     refs, stamps, samples = source
     ws = [lin.weight for lin in linears]
-    return (all(r() is w for r, w in zip(refs, ws, strict=True))
+    return (len(refs) == len(ws) and all(r() is w for r, w in zip(refs, ws))
             and all((w.data_ptr(), w._version) == st for w, st in zip(ws, stamps))
             and all(torch.equal(_sampled(w), sa) for w, sa in zip(ws, samples)))
 
@@ -289,8 +291,8 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
         if blocks == 1 and one_row and n_in % INFERENCE_BLOCKS == 0:
             # One row times the whole transposed matrix: blocks along the input dimension, each
             # a contiguous [in / blocks, out] slab streamed by one core, and their partial
-            # products summed (15M config, batch-1 decoding 3.3 -> 3.1 ms a token against
-            # blocks along the output dimension).
+            # products summed (15M config, batch-1 decoding 3.6 -> 3.3 ms a token against
+            # blocks along the output dimension, which stream narrow [in, out / blocks] ones).
             b = INFERENCE_BLOCKS
             out = torch.bmm(x.reshape(b, 1, n_in // b), w.view(b, n_in // b, width)).sum(0)
         else:
