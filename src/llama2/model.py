@@ -158,7 +158,6 @@ INFERENCE_KEEP_NUMEL = 16 * 2**20  # 64 MB (fp32) per matrix group
 # Matrices below PACKED_MIN_NUMEL (every one of the tiny configs) gain nothing and stay as
 # they were.
 PACKED_MIN_NUMEL = 2**20
-PACKED_MIN_ROWS = 2
 _COPIES: ContextVar[dict | None] = ContextVar("inference_copies", default=None)
 
 
@@ -273,41 +272,54 @@ def _blocked_copy(w: torch.Tensor, out: torch.Tensor | None, blocks: int) -> tor
 
 def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     """x through each of `linears` (no biases), through the cached copy when inferring: one
-    product for all of them, split into views. (Decoding calls this ~25 times per token, so it
-    keeps its Python work small.)"""
-    n_in = x.shape[-1]
-    w = None
-    # (Under autocast the products follow autocast's dtype: the blocked copy's bmm does.)
-    if x.numel() >= PACKED_MIN_ROWS * n_in and x.dtype == torch.float32 \
-            and not torch.is_autocast_enabled(x.device.type):
-        w = inference_weight(*linears, packed=True)
-    if w is not None:
-        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-    elif (w := inference_weight(*linears)) is None:
+    product for all of them, split into views. (Decoding calls this ~25 times per token, so its
+    Python work is one lookup of a plan made once per block.)"""
+    store = _COPIES.get()
+    if store is None or torch.is_grad_enabled():
         return tuple(lin(x) for lin in linears)
+    n_in = x.shape[-1]
+    if x.numel() == n_in:
+        rows = "one"
+    # (Under autocast the products follow autocast's dtype: the blocked copy's bmm does.)
+    elif x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu"):
+        rows = "several"
     else:
-        blocks, _, width = w.shape
-        one_row = x.numel() == n_in
-        if blocks == 1 and one_row and n_in % INFERENCE_BLOCKS == 0:
-            # One row times the whole transposed matrix: blocks along the input dimension, each
-            # a contiguous [in / blocks, out] slab streamed by one core, and their partial
-            # products summed (15M config, batch-1 decoding 3.6 -> 3.3 ms a token against
-            # blocks along the output dimension, which stream narrow [in, out / blocks] ones).
-            b = INFERENCE_BLOCKS
-            out = torch.bmm(x.reshape(b, 1, n_in // b), w.view(b, n_in // b, width)).sum(0)
-        else:
-            if blocks == 1 and width % INFERENCE_BLOCKS == 0:  # column blocks, as views
-                blocks = INFERENCE_BLOCKS
-                w = w.view(n_in, blocks, -1).transpose(0, 1)
-            if one_row:  # [blocks, 1, width] is already the row's layout
-                out = torch.bmm(x.reshape(1, 1, n_in).expand(blocks, 1, n_in), w)
-            else:  # [blocks, rows, width] -> [rows, blocks * width]
-                rows = x.reshape(1, -1, n_in).expand(blocks, -1, -1)
-                out = torch.bmm(rows, w).transpose(0, 1)
-        out = out.reshape(*x.shape[:-1], -1)
-    if len(linears) == 1:
-        return (out,)
-    return out.split_with_sizes([lin.out_features for lin in linears], -1)
+        rows = "several, not packed"
+    plan = store.get((linears, rows))
+    if plan is None:
+        plan = store[(linears, rows)] = _plan(linears, rows)
+    how, w, sizes = plan
+    if how == "row by input blocks":
+        out = torch.bmm(x.reshape(w.shape[0], 1, -1), w).sum(0)
+    elif how == "row":  # [blocks, 1, width] is already the row's layout
+        out = torch.bmm(x.reshape(1, 1, n_in).expand(w.shape[0], 1, n_in), w)
+    elif how == "rows":  # [blocks, rows, width] -> [rows, blocks * width]
+        out = torch.bmm(x.reshape(1, -1, n_in).expand(w.shape[0], -1, -1), w).transpose(0, 1)
+    elif how == "packed":
+        out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+    else:
+        return tuple(lin(x) for lin in linears)
+    out = out.reshape(*x.shape[:-1], -1)
+    return (out,) if sizes is None else out.split_with_sizes(sizes, -1)
+
+
+def _plan(linears: tuple[nn.Linear, ...], rows: str) -> tuple[str, torch.Tensor | None, list | None]:
+    """How `project` multiplies `rows` by `linears` in this block: (how, weight, split sizes)."""
+    sizes = [lin.out_features for lin in linears] if len(linears) > 1 else None
+    if rows == "several" and (w := inference_weight(*linears, packed=True)) is not None:
+        return "packed", w, sizes
+    if (w := inference_weight(*linears)) is None:
+        return "linears", None, sizes
+    blocks, n_in, width = w.shape
+    if blocks == 1 and rows == "one" and n_in % INFERENCE_BLOCKS == 0:
+        # One row times the whole transposed matrix: blocks along the input dimension, each a
+        # contiguous [in / blocks, out] slab streamed by one core, and their partial products
+        # summed (15M config, batch-1 decoding 3.6 -> 3.3 ms a token against blocks along the
+        # output dimension, which stream narrow [in, out / blocks] ones).
+        return "row by input blocks", w.view(INFERENCE_BLOCKS, -1, width), sizes
+    if blocks == 1 and width % INFERENCE_BLOCKS == 0:  # column blocks, as views
+        w = w.view(n_in, INFERENCE_BLOCKS, -1).transpose(0, 1)
+    return "row" if rows == "one" else "rows", w, sizes
 
 
 class KVCache:
