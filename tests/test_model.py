@@ -350,13 +350,19 @@ def test_kept_copies_are_reused_until_an_optimizer_step(monkeypatch):
 
 
 @pytest.mark.parametrize("n_in,n_out", [(64, 96), (30, 96), (64, 90), (30, 90)])
-@pytest.mark.parametrize("packed", [False, True])
-def test_projection_through_each_copy_layout_equals_the_linears(n_in, n_out, packed):
+@pytest.mark.parametrize("layout", ["one sequence", "batch", "batch, oneDNN"])
+def test_projection_through_each_copy_layout_equals_the_linears(n_in, n_out, layout,
+                                                                 monkeypatch):
     """One row and several, through the one-sequence copy (the transposed matrix: one row cut
-    along the input dimension, rows by column blocks) and the batch's (output blocks), with
-    dimensions that the blocks divide and do not."""
+    along the input dimension, rows by column blocks), the batch's (output blocks) and oneDNN's
+    packed one (rows only), with dimensions that the blocks divide and do not."""
     from llama2.model import inference_copies, project
 
+    packed = layout != "one sequence"
+    if layout == "batch, oneDNN":
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("this torch build has no oneDNN (mkldnn)")
+        monkeypatch.setattr("llama2.model.PACKED_MIN_NUMEL", 0)
     torch.manual_seed(0)
     lins = (torch.nn.Linear(n_in, n_out, bias=False), torch.nn.Linear(n_in, 2 * n_out, bias=False))
     for x in (torch.randn(1, 1, n_in), torch.randn(3, 5, n_in)):
