@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import io
 import json
 
 import pytest
@@ -335,12 +337,16 @@ def test_kept_copies_are_reused_until_an_optimizer_step(monkeypatch):
     assert n_copies > 0
     assert generate(model, prompts, max_new_tokens=8, eos_id=None) == first
     assert len(made) == n_copies
+    torch.save(model, io.BytesIO())  # nothing unpicklable left on the modules
+    twin = copy.deepcopy(model)  # a copy of the model makes its own copies
+    assert generate(twin, prompts, max_new_tokens=8, eos_id=None) == first
+    assert len(made) == 2 * n_copies
 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model(torch.tensor([[1, 5, 6, 7, 8]])).logsumexp(-1).mean().backward()
     opt.step()
     after = generate(model, prompts, max_new_tokens=8, eos_id=None)
-    assert len(made) == 2 * n_copies
+    assert len(made) == 3 * n_copies
     seq = torch.tensor([prompts[0] + after.tokens[0]])
     with torch.no_grad():
         ref = torch.log_softmax(model(seq[:, :-1]), -1)[0, len(prompts[0]) - 1:]

@@ -161,6 +161,9 @@ INFERENCE_KEEP_NUMEL = 16 * 2**20  # 64 MB (fp32) per matrix group
 # 15M config's wo) stay as they were.
 PACKED_MIN_NUMEL = 2**17 + 1
 _COPIES: ContextVar[dict | None] = ContextVar("inference_copies", default=None)
+# The kept copies of each layer, {layout: (source, copy)}; beside the modules rather than in
+# them, so that pickling or deep-copying a model neither carries nor duplicates them.
+_KEPT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextmanager
@@ -214,7 +217,7 @@ def _make_copy(store: dict, linears: tuple[nn.Linear, ...], packed: bool) -> tor
     # A batch (the block's packed=True): blocks along the output dimension, or oneDNN's packed
     # copy; one sequence, one row at a time: the whole transposed matrix (see `project`).
     kind = "packed" if packed else INFERENCE_BLOCKS if store["packed"] else 1
-    kept = linears[0].__dict__.setdefault("_inference_kept", {})
+    kept = _KEPT.setdefault(linears[0], {})
     entry = kept.get(kind)
     if entry is not None and _same_source(entry[0], linears):
         return entry[1]
