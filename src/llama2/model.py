@@ -93,6 +93,9 @@ def preset(name: str, **overrides) -> ModelArgs:
     return replace(PRESETS[name], **overrides)
 
 
+_DIVISORS: dict[int, torch.Tensor] = {}  # RMSNorm's dim as a 0-dim fp32 tensor, per dim
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
@@ -102,8 +105,12 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 and not torch.is_grad_enabled():
             # Inference in fp32: the same arithmetic in fewer operations and allocations
-            # (decoding pays per operation; mean is sum, then divide).
-            ms = (x * x).sum(-1, keepdim=True).div_(x.shape[-1])
+            # (decoding pays per operation; mean is sum, then divide, here by a tensor: an
+            # integer divisor is converted to one on every call).
+            n = _DIVISORS.get(x.shape[-1])
+            if n is None:
+                n = _DIVISORS[x.shape[-1]] = torch.tensor(float(x.shape[-1]))
+            ms = (x * x).sum(-1, keepdim=True).div_(n)
             return x * ms.add_(self.eps).rsqrt_() * self.weight
         # Normalize in fp32 as the reference does, then cast back (matters under bf16).
         xf = x.float()
@@ -125,9 +132,10 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin); cos/sin are [B or 1, T, D] `rope_tables`
     rows. The pairwise layout keeps it to a handful of operations per call (decoding pays
     per operation)."""
-    xf = x.float()
+    xf = x if x.dtype == torch.float32 else x.float()  # (a cast to its own dtype still costs a call)
     swapped = xf.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-    return (xf * cos.unsqueeze(2) + swapped * sin.unsqueeze(2)).type_as(x)
+    out = xf * cos.unsqueeze(2) + swapped * sin.unsqueeze(2)
+    return out if out.dtype == x.dtype else out.type_as(x)
 
 
 # Inside `inference_copies()` (a generation call, or a longer block that its caller holds while
@@ -295,7 +303,11 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
         plan = store[(linears, rows)] = _plan(linears, rows)
     how, w, sizes = plan
     if how == "row by input blocks":
-        out = torch.bmm(x.reshape(w.shape[0], 1, -1), w).sum(0)
+        out = torch.bmm(x.reshape(w.shape[0], 1, -1), w)
+        if x.dim() in (2, 3):  # [1, width] or [1, 1, width] straight from the sum
+            out = out.sum(0, keepdim=x.dim() == 3)
+            return (out,) if sizes is None else out.split_with_sizes(sizes, -1)
+        out = out.sum(0)
     elif how == "row":  # [blocks, 1, width] is already the row's layout
         out = torch.bmm(x.reshape(1, 1, n_in).expand(w.shape[0], 1, n_in), w)
     elif how == "rows":  # [blocks, rows, width] -> [rows, blocks * width]
