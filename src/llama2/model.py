@@ -195,8 +195,9 @@ def inference_copies(packed: bool = True):
 
 
 def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor | None:
-    """The cached [blocks, in, sum(out) / blocks] copy of `linears`' weights (blocks = 1 where
-    the output width does not divide), or with `packed` oneDNN's prepacked copy of the
+    """The cached [blocks, in, sum(out) / blocks] copy of `linears`' weights (blocks =
+    INFERENCE_BLOCKS in a batch's block; 1, the transposed matrix, in one sequence's or where the
+    output width does not divide), or with `packed` oneDNN's prepacked copy of the
     [sum(out), in] matrix; None where it does not apply (outside `inference_copies`, autograd
     on, not CPU, FSDP DTensor, too large, past the block's budget; packed: too small, not fp32,
     no oneDNN op)."""
