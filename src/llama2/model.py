@@ -303,12 +303,8 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
     if plan is None:
         plan = store[(linears, rows)] = _plan(linears, rows)
     how, w, sizes = plan
-    if how == "row by input blocks":
-        out = torch.bmm(x.reshape(w.shape[0], 1, -1), w)
-        if x.dim() in (2, 3):  # [1, width] or [1, 1, width] straight from the sum
-            out = out.sum(0, keepdim=x.dim() == 3)
-            return (out,) if sizes is None else out.split_with_sizes(sizes, -1)
-        out = out.sum(0)
+    if how == "row by input blocks":  # [1, width], or [1, 1, width] for a [1, 1, in] row
+        out = torch.bmm(x.reshape(w.shape[0], 1, -1), w).sum(0, keepdim=x.dim() == 3)
     elif how == "row":  # [blocks, 1, width] is already the row's layout
         out = torch.bmm(x.reshape(1, 1, n_in).expand(w.shape[0], 1, n_in), w)
     elif how == "rows":  # [blocks, rows, width] -> [rows, blocks * width]
@@ -317,7 +313,8 @@ def project(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, ...]:
         out = torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     else:
         return tuple(lin(x) for lin in linears)
-    out = out.reshape(*x.shape[:-1], -1)
+    if out.shape[:-1] != x.shape[:-1]:
+        out = out.reshape(*x.shape[:-1], -1)
     return (out,) if sizes is None else out.split_with_sizes(sizes, -1)
 
 
