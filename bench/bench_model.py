@@ -3,6 +3,11 @@
 Prints forward+backward tokens/s and generation tokens/s (batch 1 and 16) for both, and the
 ratio. The 15M config of llama2.c (dim 288, 6 layers, 6 heads, vocab 32000, seq 256).
 
+Forward+backward is timed twice: the model's logits through the same `F.cross_entropy` on both
+sides (the model alone), and a training step's loss as each library computes it (ours: the
+trainer's `causal_lm_loss`, the output projection and cross-entropy chunked so the [tokens,
+32000] logits never exist whole; transformers: `labels=`, its own loss on the full logits).
+
 Each generation call makes or reuses the decoding weight copies (model.py: kept between calls
 while the weights are unchanged), as the first timed call's warm-up has left them. For
 generation it also prints a bound: one decoding step's matrix products alone (every weight read
@@ -25,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from llama2 import checkpoint
+from llama2.engine.losses import causal_lm_loss
 from llama2.generation import generate
 from llama2.model import inference_copies, preset, project
 
@@ -84,7 +90,7 @@ def main() -> None:
           f"threads {torch.get_num_threads()}")
 
     x = torch.randint(0, args.vocab_size, (a.batch, args.max_seq_len + 1))
-    inp, tgt = x[:, :-1], x[:, 1:]
+    inp, tgt = x[:, :-1], x[:, 1:].contiguous()
 
     def fb_ours():
         loss = F.cross_entropy(ours(inp).float().flatten(0, 1), tgt.flatten())
@@ -95,10 +101,18 @@ def main() -> None:
         loss = F.cross_entropy(logits.float().flatten(0, 1), tgt.flatten())
         loss.backward()
 
+    def step_ours():
+        causal_lm_loss(ours, inp, tgt)[0].backward()
+
+    def step_peer():  # shift_labels: the targets as given, no second shift
+        peer(input_ids=inp, labels=tgt, shift_labels=tgt).loss.backward()
+
     ntok = inp.numel()
-    t_ours, t_peer = paired_times(fb_ours, fb_peer, a.steps)
-    print(f"forward+backward  ours {ntok / t_ours:9.0f} tok/s  transformers "
-          f"{ntok / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
+    for label, pair in (("forward+backward, logits + F.cross_entropy", (fb_ours, fb_peer)),
+                        ("forward+backward, each one's training loss", (step_ours, step_peer))):
+        t_ours, t_peer = paired_times(*pair, a.steps)
+        print(f"{label}  ours {ntok / t_ours:9.0f} tok/s  transformers "
+              f"{ntok / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
 
     ours.eval()
     peer.eval()
