@@ -8,8 +8,11 @@ sides (the model alone), and a training step's loss as each library computes it 
 trainer's `causal_lm_loss`, the output projection and cross-entropy chunked so the [tokens,
 32000] logits never exist whole; transformers: `labels=`, its own loss on the full logits).
 
-Each generation call makes or reuses the decoding weight copies (model.py: kept between calls
-while the weights are unchanged), as the first timed call's warm-up has left them. For
+Generation is greedy on both sides, without log-probabilities (ours then screens the vocabulary
+with a bf16 copy of the output projection and multiplies in fp32 only the tokens that can be a
+row's largest logit: `generation.screened_greedy`). Each generation call makes or reuses the
+decoding weight copies (model.py: kept between calls while the weights are unchanged), as the
+first timed call's warm-up has left them. For
 generation it also prints a bound: one decoding step's matrix products alone (every weight read
 once, through the same kernels and weight copies `generate` uses), timed back to back, and the
 ratio to transformers a generator that did nothing else would reach on this machine now. At
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from llama2 import checkpoint
 from llama2.engine.losses import causal_lm_loss
 from llama2.generation import generate
-from llama2.model import inference_copies, preset, project
+from llama2.model import inference_copies, preset, project, screen_weight
 
 
 def paired_times(ours, peer, rounds: int) -> tuple[float, float]:
@@ -61,9 +64,14 @@ def products_alone(model, rows: int, steps: int, rounds: int) -> float:
                 project(x, att.wo)
                 project(x, ffn.w1, ffn.w3)
                 project(xh, ffn.w2)
-            project(x[:, -1], model.output)
+            if screen is None:
+                project(x[:, -1], model.output)
+            else:  # greedy decoding screens the vocabulary in bf16 (generation.screened_greedy)
+                torch.ops.mkldnn._linear_pointwise(x[:, -1].bfloat16(), screen[0], None, "none",
+                                                   [], "")
 
     with torch.inference_mode(), inference_copies(packed=rows > 1):
+        screen = screen_weight(model.output)
         return paired_times(decode_steps, lambda: None, rounds)[0]
 
 

@@ -376,3 +376,66 @@ def test_projection_through_each_copy_layout_equals_the_linears(n_in, n_out, lay
             got = project(x, *lins)
         for g, lin in zip(got, lins, strict=True):
             assert torch.allclose(g, lin(x), atol=1e-5)
+
+
+def test_screened_greedy_is_the_fp32_argmax():
+    """The bf16 screen keeps every token that can be a row's fp32 argmax: two tokens that bf16
+    rounds to a tie (the fp32 winner is picked), an exact tie (the first wins), rows of
+    varied norms, one row and many; NaN falls back to the full logits."""
+    from llama2.generation import greedy, screened_greedy
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN (mkldnn)")
+    g = torch.Generator().manual_seed(0)
+    V, D = 4096, 64
+    w = torch.randn(V, D, generator=g) * torch.rand(V, 1, generator=g) * 2
+    h = torch.randn(32, D, generator=g)
+    w[7], w[11] = h[0] * 2, h[1] * 2  # each its row's largest logit by far
+    w[3000] = w[7] * (1 + 1e-4)  # larger in fp32 by 1e-4, equal in bf16
+    w[2000] = w[11]  # an exact tie
+    assert int((h[:1].bfloat16() @ w.bfloat16().t()).argmax()) == 7  # bf16 alone is wrong
+    screen = (torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()), float(w.norm(dim=1).max()))
+    fallbacks = []
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        fallbacks.append(len(x))
+        return x @ w.t()
+
+    got = screened_greedy(h, w, screen, logits)
+    assert torch.equal(got, greedy(h @ w.t())) and got[:2].tolist() == [3000, 11]
+    for row in range(4):
+        assert screened_greedy(h[row:row + 1], w, screen, logits) == got[row]
+    assert not fallbacks
+    h[2, 0] = float("nan")
+    assert torch.equal(screened_greedy(h, w, screen, logits), greedy(h @ w.t())) and fallbacks
+
+
+def test_greedy_decoding_through_the_screen_equals_the_full_logits(monkeypatch):
+    """generate without log-probabilities screens the vocabulary (forced here at a small
+    size) and decodes the tokens the full logits give, before and after a weight update."""
+    from llama2 import generation
+    from llama2 import model as model_mod
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN (mkldnn)")
+    monkeypatch.setattr(model_mod, "SCREEN_MIN_NUMEL", 0)
+    monkeypatch.setattr(model_mod, "_bf16_instructions", lambda: True)
+    screened = []
+    real = generation.screened_greedy
+    monkeypatch.setattr(generation, "screened_greedy",
+                        lambda h, *a: screened.append(len(h)) or real(h, *a))
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=2048,
+                                  multiple_of=16, max_seq_len=128))
+    model.init_weights(0.1)
+    prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34]]
+    for _ in range(2):
+        for batch in (prompts, prompts[:1]):
+            want = generate(model, batch, max_new_tokens=24, eos_id=None).tokens
+            assert not screened
+            assert generate(model, batch, max_new_tokens=24, eos_id=None,
+                            logprobs=False).tokens == want
+            assert len(screened) == 24
+            screened.clear()
+        with torch.no_grad():
+            model.output.weight.mul_(-1.5)

@@ -14,8 +14,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from llama2.model import Transformer, causal_padding_mask, inference_copies
+from llama2.model import Transformer, causal_padding_mask, inference_copies, screen_weight
 
 
 @dataclass
@@ -48,6 +49,32 @@ def greedy(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     chunks = logits.view(B, V // chunk, chunk)
     best = chunks.amax(-1).argmax(-1)
     return best * chunk + chunks[torch.arange(B), best].argmax(-1)
+
+
+def screened_greedy(h: torch.Tensor, weight: torch.Tensor, screen: tuple[torch.Tensor, float],
+                    logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`greedy(logits(h))` for hidden states h [B, dim] and the fp32 vocabulary projection
+    `weight` [V, dim], with most of its products in bf16 (`screen`: model.screen_weight).
+
+    Each bf16 logit lies within bound_b = slack * |h_b| * max_j |w_j| of the fp32 one (its
+    inputs and its output rounded to bf16, 2^-8 each, and the fp32 sums' rounding; |h.w| <=
+    |h| |w| by Cauchy-Schwarz), so a token whose bf16 logit is more than 2 bound_b below the
+    row's largest cannot be that row's argmax. Only the tokens that pass for some row are
+    multiplied in fp32, in vocabulary order: the same first maximum, up to fp32 rounding between
+    logits that tie to ~1e-7 (where transformers' own products already round differently). On
+    the 15M config's random weights ~100-1400 of 32k tokens pass at 16 rows: a step's head 2.4
+    -> 1.7 ms (cold weights). Falls back to the full logits where nothing passes (NaN) or too
+    much does."""
+    packed, max_norm = screen
+    slack = 1.05 * (3 * 2**-8 + 3 * 2**-16 + 3 * h.shape[-1] * 2**-24)
+    best = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), packed, None, "none", [], "")
+    floor = float((best.amax(-1).float() - h.norm(dim=-1) * (2 * slack * max_norm)).min())
+    # One floor for all rows (a superset of each row's tokens: harmless), lowered by 2^-7 of
+    # itself, more than bf16 rounds it by in the comparison.
+    ids = (best.amax(0) >= floor - abs(floor) * 2**-7).nonzero().view(-1)
+    if not 0 < ids.numel() <= weight.shape[0] // 8:
+        return greedy(logits(h))
+    return ids[torch.mm(h, weight.index_select(0, ids).t()).argmax(-1)]
 
 
 def truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
@@ -180,7 +207,20 @@ def sample(
     positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
     mask = causal_padding_mask(valid[:, :longest]) if padded else None
     h = model.hidden(tokens, positions=positions if padded else None, mask=mask, cache=cache)
-    logits = model.logits(h[:, -1])
+
+    # Greedy rows without log-probabilities need only each row's largest logit.
+    screen = None
+    if (not logprobs and type(model.output) is nn.Linear and not bool((temps > 0).any())
+            and not torch.is_autocast_enabled(device.type)):
+        screen = screen_weight(model.output)
+
+    def pick(h: torch.Tensor, temps: torch.Tensor, tps: torch.Tensor, tks: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next token of each row from its last hidden state, and the logits if made."""
+        if screen is not None:
+            return screened_greedy(h, model.output.weight, screen, model.logits), None
+        logits = model.logits(h)
+        return sample_next(logits, temps, tps, tks, generator), logits
 
     rows = torch.arange(n, device=device)  # original index of each active row
     out_tokens: list[list[int]] = [[] for _ in range(n)]
@@ -188,7 +228,7 @@ def sample(
     finished = [False] * n
     pos = lengths.clone()  # next rotary position of each active row
     for step in range(max_new_tokens):
-        nxt = sample_next(logits, temps, tps, tks, generator)
+        nxt, logits = pick(h[:, -1], temps, tps, tks)
         nxt_list, row_list = nxt.tolist(), rows.tolist()
         if logprobs:
             logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.view(-1, 1)).view(-1)
@@ -214,7 +254,6 @@ def sample(
         step_mask = valid[:, : start + 1].view(len(rows), 1, 1, start + 1) if padded else None
         h = model.hidden(nxt.view(-1, 1), positions=pos.view(-1, 1) if padded else None,
                          mask=step_mask, cache=cache, start=start)
-        logits = model.logits(h[:, -1])
         pos = pos + 1
     return Generation(out_tokens, out_logprobs, finished)
 
