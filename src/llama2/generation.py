@@ -67,11 +67,17 @@ def screened_greedy(h: torch.Tensor, weight: torch.Tensor, screen: tuple[torch.T
     much does."""
     packed, max_norm = screen
     slack = 1.05 * (3 * 2**-8 + 3 * 2**-16 + 3 * h.shape[-1] * 2**-24)
-    best = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), packed, None, "none", [], "")
-    floor = float((best.amax(-1).float() - h.norm(dim=-1) * (2 * slack * max_norm)).min())
-    # One floor for all rows (a superset of each row's tokens: harmless), lowered by 2^-7 of
-    # itself, more than bf16 rounds it by in the comparison.
-    ids = (best.amax(0) >= floor - abs(floor) * 2**-7).nonzero().view(-1)
+    approx = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), packed, None, "none", [], "")
+    # Each token's best over the rows, and each row's best (fp32 reduces and compares faster
+    # than bf16; the values are exact).
+    if len(h) == 1:
+        best = approx[0].float()
+        top = best.max()
+    else:
+        best, top = approx.amax(0).float(), approx.amax(-1).float()
+    floor = float((top - h.norm(dim=-1) * (2 * slack * max_norm)).min())
+    # One floor for all rows: a superset of each row's tokens, harmless.
+    ids = (best >= floor).nonzero().view(-1)
     if not 0 < ids.numel() <= weight.shape[0] // 8:
         return greedy(logits(h))
     return ids[torch.mm(h, weight.index_select(0, ids).t()).argmax(-1)]
