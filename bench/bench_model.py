@@ -9,15 +9,15 @@ trainer's `causal_lm_loss`, the output projection and cross-entropy chunked so t
 32000] logits never exist whole; transformers: `labels=`, its own loss on the full logits).
 
 Generation is greedy on both sides, without log-probabilities (ours then screens the vocabulary
-with a bf16 copy of the output projection and multiplies in fp32 only the tokens that can be a
-row's largest logit: `generation.screened_greedy`). Each generation call makes or reuses the
-decoding weight copies (model.py: kept between calls while the weights are unchanged), as the
-first timed call's warm-up has left them. For
-generation it also prints a bound: one decoding step's matrix products alone (every weight read
-once, through the same kernels and weight copies `generate` uses), timed back to back, and the
-ratio to transformers a generator that did nothing else would reach on this machine now. At
-batch 1 the products stream the weights from memory, so the bound moves with the memory
-bandwidth other tenants leave.
+with an int8 (one sequence) or bf16 (a batch) copy of the output projection and multiplies in
+fp32 only the tokens that can be a row's largest logit: `generation.screened_greedy`). Each
+generation call makes or reuses the decoding weight copies (model.py: kept between calls while
+the weights are unchanged), as the first timed call's warm-up has left them. For generation it
+also prints a bound: one decoding step's matrix products alone (every weight read once, through
+the same kernels and weight copies `generate` uses), timed back to back, and the ratio to
+transformers a generator that did nothing else would reach on this machine now. At batch 1 the
+products stream the weights from memory, so the bound moves with the memory bandwidth other
+tenants leave.
 
     python bench/bench_model.py [--dtype float32|bfloat16] [--steps 5] [--new-tokens 64]
 """
@@ -66,9 +66,8 @@ def products_alone(model, rows: int, steps: int, rounds: int) -> float:
                 project(xh, ffn.w2)
             if screen is None:
                 project(x[:, -1], model.output)
-            else:  # greedy decoding screens the vocabulary in bf16 (generation.screened_greedy)
-                torch.ops.mkldnn._linear_pointwise(x[:, -1].bfloat16(), screen[0], None, "none",
-                                                   [], "")
+            else:  # greedy decoding screens the vocabulary (generation.screened_greedy)
+                screen.logits(x[:, -1])
 
     with torch.inference_mode(), inference_copies(packed=rows > 1):
         screen = screen_weight(model.output)

@@ -378,36 +378,48 @@ def test_projection_through_each_copy_layout_equals_the_linears(n_in, n_out, lay
             assert torch.allclose(g, lin(x), atol=1e-5)
 
 
-def test_screened_greedy_is_the_fp32_argmax():
-    """The bf16 screen keeps every token that can be a row's fp32 argmax: two tokens that bf16
-    rounds to a tie (the fp32 winner is picked), an exact tie (the first wins), rows of
-    varied norms, one row and many; NaN falls back to the full logits."""
+@pytest.mark.parametrize("packed", [False, True], ids=["int8 (one sequence)", "bf16 (batch)"])
+def test_screened_greedy_is_the_fp32_argmax(packed, monkeypatch):
+    """Each screen keeps every token that can be a row's fp32 argmax: two tokens that the
+    screen's copy cannot tell apart (the fp32 winner is picked), an exact tie (the first wins),
+    rows of varied norms, one row and many; NaN falls back to the full logits."""
+    from llama2 import model as model_mod
     from llama2.generation import greedy, screened_greedy
 
-    if not torch.backends.mkldnn.is_available():
+    if packed and not torch.backends.mkldnn.is_available():
         pytest.skip("this torch build has no oneDNN (mkldnn)")
+    monkeypatch.setattr(model_mod, "SCREEN_MIN_NUMEL", 0)
+    monkeypatch.setattr(model_mod, "_bf16_instructions", lambda: True)
     g = torch.Generator().manual_seed(0)
     V, D = 4096, 64
     w = torch.randn(V, D, generator=g) * torch.rand(V, 1, generator=g) * 2
     h = torch.randn(32, D, generator=g)
     w[7], w[11] = h[0] * 2, h[1] * 2  # each its row's largest logit by far
-    w[3000] = w[7] * (1 + 1e-4)  # larger in fp32 by 1e-4, equal in bf16
+    w[3000] = w[7] * (1 + 1e-4)  # larger in fp32 by 1e-4, the same in bf16 and in int8
     w[2000] = w[11]  # an exact tie
-    assert int((h[:1].bfloat16() @ w.bfloat16().t()).argmax()) == 7  # bf16 alone is wrong
-    screen = (torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()), float(w.norm(dim=1).max()))
-    fallbacks = []
+    head = torch.nn.Linear(D, V, bias=False)
+    with torch.no_grad():
+        head.weight.copy_(w)
+    with torch.inference_mode(), model_mod.inference_copies(packed=packed):
+        screen = model_mod.screen_weight(head)
+        assert screen.kind == ("bf16" if packed else "int8")
+        assert int(screen.logits(h[:1]).argmax()) == 7  # the copy alone picks the wrong one
+        x = torch.randn(256, D, generator=g) * 3  # the bound holds for every token of each row
+        err = (screen.logits(x).float() - x @ w.t()).abs().amax(-1)
+        assert bool((err <= screen.bound(x)).all()) and bool((err > 0).all())
+        fallbacks = []
 
-    def logits(x: torch.Tensor) -> torch.Tensor:
-        fallbacks.append(len(x))
-        return x @ w.t()
+        def logits(x: torch.Tensor) -> torch.Tensor:
+            fallbacks.append(len(x))
+            return x @ w.t()
 
-    got = screened_greedy(h, w, screen, logits)
-    assert torch.equal(got, greedy(h @ w.t())) and got[:2].tolist() == [3000, 11]
-    for row in range(4):
-        assert screened_greedy(h[row:row + 1], w, screen, logits) == got[row]
-    assert not fallbacks
-    h[2, 0] = float("nan")
-    assert torch.equal(screened_greedy(h, w, screen, logits), greedy(h @ w.t())) and fallbacks
+        got = screened_greedy(h, w, screen, logits)
+        assert torch.equal(got, greedy(h @ w.t())) and got[:2].tolist() == [3000, 11]
+        for row in range(4):
+            assert screened_greedy(h[row:row + 1], w, screen, logits) == got[row]
+        assert not fallbacks
+        h[2, 0] = float("nan")
+        assert torch.equal(screened_greedy(h, w, screen, logits), greedy(h @ w.t())) and fallbacks
 
 
 def test_greedy_decoding_through_the_screen_equals_the_full_logits(monkeypatch):

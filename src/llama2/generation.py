@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama2.model import Transformer, causal_padding_mask, inference_copies, screen_weight
+from llama2.model import Screen, Transformer, causal_padding_mask, inference_copies, screen_weight
 
 
 @dataclass
@@ -51,23 +51,19 @@ def greedy(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     return best * chunk + chunks[torch.arange(B), best].argmax(-1)
 
 
-def screened_greedy(h: torch.Tensor, weight: torch.Tensor, screen: tuple[torch.Tensor, float],
+def screened_greedy(h: torch.Tensor, weight: torch.Tensor, screen: Screen,
                     logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """`greedy(logits(h))` for hidden states h [B, dim] and the fp32 vocabulary projection
-    `weight` [V, dim], with most of its products in bf16 (`screen`: model.screen_weight).
+    `weight` [V, dim], with most of its products done on a cheaper copy (model.Screen).
 
-    Each bf16 logit lies within bound_b = slack * |h_b| * max_j |w_j| of the fp32 one (its
-    inputs and its output rounded to bf16, 2^-8 each, and the fp32 sums' rounding; |h.w| <=
-    |h| |w| by Cauchy-Schwarz), so a token whose bf16 logit is more than 2 bound_b below the
-    row's largest cannot be that row's argmax. Only the tokens that pass for some row are
-    multiplied in fp32, in vocabulary order: the same first maximum, up to fp32 rounding between
-    logits that tie to ~1e-7 (where transformers' own products already round differently). On
-    the 15M config's random weights ~100-1400 of 32k tokens pass at 16 rows: a step's head 2.4
-    -> 1.7 ms (cold weights). Falls back to the full logits where nothing passes (NaN) or too
-    much does."""
-    packed, max_norm = screen
-    slack = 1.05 * (3 * 2**-8 + 3 * 2**-16 + 3 * h.shape[-1] * 2**-24)
-    approx = torch.ops.mkldnn._linear_pointwise(h.bfloat16(), packed, None, "none", [], "")
+    Every approximate logit lies within the screen's bound_b of the fp32 one, so a token whose
+    approximate logit is more than 2 bound_b below the row's largest cannot be that row's
+    argmax. Only the tokens that pass for some row are multiplied in fp32, in vocabulary order:
+    the same first maximum, up to fp32 rounding between logits that tie to ~1e-7 (where
+    transformers' own products already round differently). On the 15M config's random weights
+    ~10 (one row) to ~100-1400 (16 rows) of 32k tokens pass. Falls back to the full logits
+    where nothing passes (NaN) or too much does."""
+    approx = screen.logits(h)
     # Each token's best over the rows, and each row's best (fp32 reduces and compares faster
     # than bf16; the values are exact).
     if len(h) == 1:
@@ -75,8 +71,8 @@ def screened_greedy(h: torch.Tensor, weight: torch.Tensor, screen: tuple[torch.T
         top = best.max()
     else:
         best, top = approx.amax(0).float(), approx.amax(-1).float()
-    floor = float((top - h.norm(dim=-1) * (2 * slack * max_norm)).min())
     # One floor for all rows: a superset of each row's tokens, harmless.
+    floor = float((top - 2 * screen.bound(h)).min())
     ids = (best >= floor).nonzero().view(-1)
     if not 0 < ids.numel() <= weight.shape[0] // 8:
         return greedy(logits(h))

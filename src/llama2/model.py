@@ -170,10 +170,12 @@ INFERENCE_KEEP_NUMEL = 16 * 2**20  # 64 MB (fp32) per matrix group
 PACKED_MIN_NUMEL = 2**17 + 1
 # Greedy decoding needs each row's largest logit, not the logits: from a vocabulary projection
 # of this size up (the 15M config's 32k x 288 head: 37 MB of fp32 read per step, 295 MFLOP at
-# 16 rows), a bf16 copy screens the tokens and only those that can still be a row's largest
-# are multiplied in fp32 (`generation.screened_greedy`). Same-process A/Bs of whole generate
-# calls (64 new tokens): 16 rows 474 -> 420 ms, 4 rows 288 -> 252, one row 208 -> 200 and
-# 205 -> 193 ms (median). Tiny configs stay below it.
+# 16 rows), a cheaper copy (`Screen`) screens the tokens and only those that can still be a
+# row's largest are multiplied in fp32 (`generation.screened_greedy`). Same-process A/Bs of
+# whole generate calls (64 new tokens), median: 16 rows 474 -> 420 ms, 4 rows 288 -> 252
+# (bf16 copy); one row 223 -> 206 (bf16) -> 176 ms (int8: torch's int8 kernel reads its 9 MB
+# faster than oneDNN's one-row bf16 product reads 18, where bf16 beats int8 from 2 rows on).
+# Tiny configs stay below it.
 SCREEN_MIN_NUMEL = 2**22
 _COPIES: ContextVar[dict | None] = ContextVar("inference_copies", default=None)
 # The kept copies of each layer, {layout: (source, copy)}; beside the modules rather than in
@@ -240,28 +242,72 @@ def _make_copy(store: dict, linears: tuple[nn.Linear, ...], packed: bool) -> tor
     return _kept_copy(linears, kind, make)
 
 
-def screen_weight(linear: nn.Linear) -> tuple[torch.Tensor, float] | None:
-    """For greedy decoding: oneDNN's packed bf16 copy of a large fp32 vocabulary projection and
-    the largest norm of its rows (`generation.screened_greedy`), kept like the other copies;
-    None where it does not apply (outside `inference_copies`, autograd on, not a CPU fp32
-    matrix of SCREEN_MIN_NUMEL elements up, no bf16 instructions, past the copies' budget)."""
+@dataclass
+class Screen:
+    """A cheaper copy of a vocabulary projection for greedy decoding (`generation.screened_greedy`):
+    approximate logits, and per row a bound on their distance from the fp32 logits.
+
+    kind "int8" (one row: torch's int8 weight-only kernel; each row of weights as int8 times a
+    bf16 step, 9 of the 15M head's 37 MB) or "bf16" (a batch: oneDNN's packed bf16 GEMM)."""
+
+    kind: str
+    weight: torch.Tensor
+    steps: torch.Tensor | None  # int8: the bf16 step of each row of weights
+    max_norm: float  # the largest |w_j| over the rows of the fp32 weights
+    max_step: float
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.bfloat16()
+        if self.kind == "int8":
+            return torch.ops.aten._weight_int8pack_mm(x, self.weight, self.steps)
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+
+    def bound(self, h: torch.Tensor) -> torch.Tensor:
+        """[rows]: |approximate - fp32 logit| of every token is at most this (h [rows, dim])."""
+        dim = h.shape[-1]
+        u, sums = 2**-8, 3 * dim * 2**-24  # bf16's unit roundoff; fp32 sums of dim terms
+        # h and the output rounded to bf16, u each (and the bf16 weights: u); sum_i |h_i w_i|
+        # <= |h| |w| (Cauchy-Schwarz).
+        if self.kind == "bf16":
+            return (1.05 * (3 * u + 3 * u * u + sums) * self.max_norm) * h.norm(dim=-1)
+        # int8: each weight lies within step / 2 of its int8 value times the step.
+        w = self.max_norm + self.max_step * math.sqrt(dim) / 2
+        return 1.05 * (self.max_step / 2 * (1 + u) * h.abs().sum(-1)
+                       + (2 * u + 2 * u * u + sums) * w * h.norm(dim=-1))
+
+
+def screen_weight(linear: nn.Linear) -> Screen | None:
+    """For greedy decoding: a `Screen` of a large fp32 vocabulary projection, int8 where the
+    block decodes one sequence, bf16 for a batch, kept like the other copies; None where it does
+    not apply (outside `inference_copies`, autograd on, not a CPU fp32 matrix of
+    SCREEN_MIN_NUMEL elements up, no kernel for it, past the copies' budget)."""
     store = _COPIES.get()
     if store is None or torch.is_grad_enabled():
         return None
     key = (linear, "screen")
     if key not in store:
         w = linear.weight
+        kind = "bf16" if store["packed"] else "int8"
+        has_kernel = (_bf16_instructions() and _onednn() if kind == "bf16" else
+                      w.shape[1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
         fits = (w.device.type == "cpu" and type(w.data) is torch.Tensor
-                and w.dtype == torch.float32
+                and w.dtype == torch.float32 and has_kernel
                 and SCREEN_MIN_NUMEL <= w.numel() <= INFERENCE_COPY_MAX_NUMEL
-                and _bf16_instructions() and _onednn() and _charge(store, 2 * w.numel()))
+                and _charge(store, w.numel() * (1 if kind == "int8" else 2)))
 
-        def make(_: object) -> tuple[torch.Tensor, float]:
+        def make(_: object) -> Screen:
             w = linear.weight.detach()
-            return (torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()),
-                    float(w.norm(dim=1).max()))
+            norm = float(w.norm(dim=1).max())
+            if kind == "bf16":
+                return Screen(kind, torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()), None,
+                              norm, 0.0)
+            # A bf16 step of at least max |w_j| / 127 (bf16 rounds by 2^-8 at most), so that
+            # every weight rounds to an int8 within half a step.
+            step = (w.abs().amax(1).clamp_min(2**-100) * (1 + 2**-7) / 127).bfloat16()
+            q = torch.round(w / step.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+            return Screen(kind, q, step, norm, float(step.max()))
 
-        store[key] = _kept_copy((linear,), "screen", make) if fits else None
+        store[key] = _kept_copy((linear,), "screen " + kind, make) if fits else None
     return store[key]
 
 
