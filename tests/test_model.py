@@ -451,3 +451,34 @@ def test_greedy_decoding_through_the_screen_equals_the_full_logits(monkeypatch):
             screened.clear()
         with torch.no_grad():
             model.output.weight.mul_(-1.5)
+
+
+def test_screened_greedy_generation_equals_transformers(monkeypatch, tmp_path):
+    """The 15M config's 32k x 288 head (2 layers here) is past SCREEN_MIN_NUMEL: greedy decoding
+    without log-probabilities screens it (int8 for one prompt, bf16 for a batch) and still
+    decodes transformers' greedy tokens."""
+    from llama2 import generation
+    from llama2 import model as model_mod
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("this torch build has no oneDNN (mkldnn)")
+    monkeypatch.setattr(model_mod, "_bf16_instructions", lambda: True)  # else emulated: slower
+    kinds = []
+    real = generation.screened_greedy
+    monkeypatch.setattr(generation, "screened_greedy",
+                        lambda h, w, screen, *a: kinds.append(screen.kind) or real(h, w, screen, *a))
+    torch.manual_seed(0)
+    model = Transformer(preset("15M", n_layers=2)).eval()
+    model.init_weights()
+    checkpoint.export_hf(model, None, tmp_path)
+    peer = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = [[1, 500, 6000, 7, 31000, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 3400]]
+    batch = generate(model, prompts, max_new_tokens=32, eos_id=None, logprobs=False).tokens
+    alone = [generate(model, [p], max_new_tokens=32, eos_id=None, logprobs=False).tokens[0]
+             for p in prompts]
+    assert kinds.count("bf16") == 32 and kinds.count("int8") == 3 * 32
+    for p, a, b in zip(prompts, alone, batch):
+        with torch.no_grad():
+            out = peer.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+        assert out[0, len(p):].tolist() == a == b
