@@ -64,7 +64,8 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
     out = Path(cfg.out)
     prefs_dir = out / "preferences"
     for split, prefix, n_scale in (("train", "", 1.0), ("eval", "eval_", cfg.eval_share)):
-        if n_scale <= 0 or (prefs_dir / f"{prefix}helpful_batch_{v - 1}.jsonl").is_file():
+        # The batch's stats file is written last: a run killed between its files redoes it.
+        if n_scale <= 0 or (prefs_dir / f"{prefix}stats_batch_{v - 1}.json").is_file():
             continue
         pc = copy.deepcopy(cfg.preferences)
         # Two responses from different model variants and temperatures (§3.2.1): the newest
