@@ -81,7 +81,8 @@ def main_generate(argv: list[str]) -> None:
 
     gen = generate(loaded.model, prompts, max_new_tokens=a.max_new_tokens,
                    temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id, seed=a.seed, on_token=on_token if stream else None)
+                   pad_id=tok.pad_id, seed=a.seed, on_token=on_token if stream else None,
+                   logprobs=False)
     if stream:
         print()
         return

@@ -296,6 +296,7 @@ def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
 def complete(model: Transformer, tokenizer, texts: list[str], **kwargs) -> list[str]:
     """Text in, text out: encode with BOS, generate, decode up to EOS."""
     prompts = tokenizer.encode_batch(texts, bos=True)
+    kwargs.setdefault("logprobs", False)
     gen = generate(model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
     return [tokenizer.decode(truncate_at_eos(t, tokenizer.eos_id)) for t in gen.tokens]
 

@@ -100,7 +100,8 @@ def model_responder(loaded, max_new_tokens: int = 32, temperature: float = 0.0, 
         if not prompts:
             return []
         return reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperature, seed,
-                     prompt_format=prompt_format, max_batch_tokens=max_batch_tokens)[0]
+                     prompt_format=prompt_format, max_batch_tokens=max_batch_tokens,
+                     logprobs=False)[0]
 
     return respond
 

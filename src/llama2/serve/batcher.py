@@ -276,7 +276,7 @@ class Batcher:
                  max_new_tokens=max(j.max_tokens for j in batch),
                  temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
                  top_k=[j.top_k for j in batch], eos_id=eos, pad_id=self.tok.pad_id,
-                 seed=seed, stop=stop, on_token=on_token)
+                 seed=seed, stop=stop, on_token=on_token, logprobs=False)
         for job in batch:
             if job.cancelled:
                 if job.reason is None:  # ended early because its client went away

@@ -55,7 +55,7 @@ class ChatSession:
 
         gen = generate(self.model, [prompt], max_new_tokens=min(self.max_new_tokens, room),
                        eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, on_token=on_token,
-                       **self.sampling)
+                       logprobs=False, **self.sampling)
         answer = self.tok.decode(truncate_at_eos(gen.tokens[0], self.tok.eos_id)).strip()
         self.dialog += [{"role": "user", "content": text},
                         {"role": "assistant", "content": answer}]

@@ -59,7 +59,7 @@ def sample_responses(loaded, prompts, temperatures: list[float], max_new_tokens:
                      seed: int, prompt_format: str = "chat") -> list[str]:
     """One response per (prompt, temperature), batched through the shared generator."""
     texts, _, _ = reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperatures, seed,
-                        prompt_format=prompt_format)
+                        prompt_format=prompt_format, logprobs=False)
     return texts
 
 
