@@ -231,7 +231,7 @@ class Pipeline:
     def gatt(self) -> bool:
         out = self.out / "gatt"
         self.versions["gatt"] = str(out / "model")
-        if stage_done(out) and (out / "adherence.json").is_file():
+        if stage_done(out) and (out / "summary.json").is_file():  # written last by the stage
             return True
         from llama2.stages.gatt import run
 

@@ -81,9 +81,10 @@ def red_team(models: list[tuple[str, str]], out: str | Path, n_tries: int = 1000
               f"1000 tries", flush=True)
     result["by_attack"] = dict(result["by_attack"])
     result["by_category"] = dict(result["by_category"])
-    atomic_write_text(out / "redteam.json", json.dumps(result, indent=2) + "\n")
     write_jsonl(out / "redteam_violations.jsonl", transcripts)
     plot_redteam(result, out / "redteam.png")
+    # The JSON last: the pipeline takes its presence for a finished stage.
+    atomic_write_text(out / "redteam.json", json.dumps(result, indent=2) + "\n")
     return result
 
 

@@ -172,8 +172,9 @@ def safety_scaling(cfg: SafetyScalingConfig) -> dict[str, Any]:
               f"{ev['false_refusal']:.3f}", flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "safety_scaling.json", json.dumps(result, indent=1) + "\n")
     plot_scaling(result, out / "safety_scaling.png")
+    # The JSON last: the pipeline takes its presence for a finished stage.
+    atomic_write_text(out / "safety_scaling.json", json.dumps(result, indent=1) + "\n")
     return result
 
 
