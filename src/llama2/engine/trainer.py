@@ -389,8 +389,8 @@ class Trainer:
         if self.eval_data is not None or self.eval_fn is not None:
             self._log({"step": self.step, **self.evaluate()})
         self.save_checkpoint()
-        self._export()
         self._write_summary(time.perf_counter() - t_start)
+        self._export()  # last: the model's config.json marks a finished run (stage_done)
         if self.tb is not None:
             self.tb.close()
         return self.history

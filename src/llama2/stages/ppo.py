@@ -348,11 +348,12 @@ class PPO:
         self.save_state()
         # The final model is the best held-out checkpoint.
         best = checkpoint.load(self.out / "best")
-        checkpoint.save(best.model, self.tok, self.out / "model",
-                        extra={**best.extra, "early_stopped": stopped})
         summary = {"iterations": self.iteration, "best_heldout_reward": self.best,
                    "early_stopped": stopped, "best_iteration": best.extra.get("iteration")}
         atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2) + "\n")
+        # The model last: its config.json marks a finished stage (stage_done).
+        checkpoint.save(best.model, self.tok, self.out / "model",
+                        extra={**best.extra, "early_stopped": stopped})
         return summary
 
 
