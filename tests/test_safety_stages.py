@@ -73,7 +73,9 @@ def test_safety_scaling_writes_one_point_per_share(tiny):
     for key in ("mean_helpfulness", "mean_safety", "violation_rate", "false_refusal"):
         assert len(saved[key]) == 2 and all(0 <= v <= 1 for v in saved[key])
     assert [len(s) for s in saved["safety_scores"]] == [4, 4]
-    assert (tiny / "run" / "safety_scaling.png").is_file()
+    # The JSON, the pipeline's mark of a finished stage, is written after the plot.
+    png = tiny / "run" / "safety_scaling.png"
+    assert png.stat().st_mtime_ns <= (tiny / "run" / "safety_scaling.json").stat().st_mtime_ns
     assert result["models"][1].endswith("share_1/model")
 
 
@@ -143,6 +145,9 @@ def test_red_team_counts_violations_per_1000_tries(tiny):
         RISK_CATEGORIES)
     assert len(saved["mitigated"]) == 2 and saved["mitigated"][0] is None
     assert result["violations_per_1000"] == saved["violations_per_1000"]
+    mark = (tiny / "rt" / "redteam.json").stat().st_mtime_ns  # written last: the stage's mark
+    assert all((tiny / "rt" / f).stat().st_mtime_ns <= mark
+               for f in ("redteam.png", "redteam_violations.jsonl"))
     prompts = redteam.adversarial_prompts(24)
     assert all(p.kind == "safety" and p.meta["split"] == "eval" for p in prompts)
     assert prompts[0].dialog != World(0).safety_prompts(1, "eval")[0].dialog
