@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import math
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -210,19 +212,29 @@ def inference_weight(*linears: nn.Linear, packed: bool = False) -> torch.Tensor 
     [sum(out), in] matrix; None where it does not apply (outside `inference_copies`, autograd
     on, not CPU, FSDP DTensor, too large, past the block's budget; packed: too small, not fp32,
     no oneDNN op)."""
+    return _per_block((linears, packed), lambda store: _make_copy(store, linears, packed))
+
+
+def _per_block(key: tuple, make: Callable[[dict], Any]) -> Any:
+    """The block's copy under `key`, decided once per block (`make(store)`: the copy, or None);
+    None outside `inference_copies` or with autograd on."""
     store = _COPIES.get()
     if store is None or torch.is_grad_enabled():
         return None
-    key = (linears, packed)
-    if key not in store:  # decided once per block: the copy, or None
-        store[key] = _make_copy(store, linears, packed)
+    if key not in store:
+        store[key] = make(store)
     return store[key]
+
+
+def _copyable(w: torch.Tensor, numel: int) -> bool:
+    """A plain CPU tensor (not an FSDP DTensor) of at most INFERENCE_COPY_MAX_NUMEL elements."""
+    return w.device.type == "cpu" and type(w.data) is torch.Tensor and numel <= INFERENCE_COPY_MAX_NUMEL
 
 
 def _make_copy(store: dict, linears: tuple[nn.Linear, ...], packed: bool) -> torch.Tensor | None:
     w0 = linears[0].weight
     numel = len(linears) * w0.numel()
-    if w0.device.type != "cpu" or type(w0.data) is not torch.Tensor or numel > INFERENCE_COPY_MAX_NUMEL:
+    if not _copyable(w0, numel):
         return None
     if packed and (not store["packed"] or numel < PACKED_MIN_NUMEL or w0.dtype != torch.float32
                    or not _onednn()):
@@ -281,34 +293,32 @@ def screen_weight(linear: nn.Linear) -> Screen | None:
     block decodes one sequence, bf16 for a batch, kept like the other copies; None where it does
     not apply (outside `inference_copies`, autograd on, not a CPU fp32 matrix of
     SCREEN_MIN_NUMEL elements up, no kernel for it, past the copies' budget)."""
-    store = _COPIES.get()
-    if store is None or torch.is_grad_enabled():
+    return _per_block((linear, "screen"), lambda store: _make_screen(store, linear))
+
+
+def _make_screen(store: dict, linear: nn.Linear) -> Screen | None:
+    w = linear.weight
+    kind = "bf16" if store["packed"] else "int8"
+    has_kernel = (_bf16_instructions() and _onednn() if kind == "bf16" else
+                  w.shape[1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
+    if not (_copyable(w, w.numel()) and w.dtype == torch.float32 and has_kernel
+            and w.numel() >= SCREEN_MIN_NUMEL
+            and _charge(store, w.numel() * (1 if kind == "int8" else 2))):
         return None
-    key = (linear, "screen")
-    if key not in store:
-        w = linear.weight
-        kind = "bf16" if store["packed"] else "int8"
-        has_kernel = (_bf16_instructions() and _onednn() if kind == "bf16" else
-                      w.shape[1] % 16 == 0 and hasattr(torch.ops.aten, "_weight_int8pack_mm"))
-        fits = (w.device.type == "cpu" and type(w.data) is torch.Tensor
-                and w.dtype == torch.float32 and has_kernel
-                and SCREEN_MIN_NUMEL <= w.numel() <= INFERENCE_COPY_MAX_NUMEL
-                and _charge(store, w.numel() * (1 if kind == "int8" else 2)))
 
-        def make(_: object) -> Screen:
-            w = linear.weight.detach()
-            norm = float(w.norm(dim=1).max())
-            if kind == "bf16":
-                return Screen(kind, torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()), None,
-                              norm, 0.0)
-            # A bf16 step of at least max |w_j| / 127 (bf16 rounds by 2^-8 at most), so that
-            # every weight rounds to an int8 within half a step.
-            step = (w.abs().amax(1).clamp_min(2**-100) * (1 + 2**-7) / 127).bfloat16()
-            q = torch.round(w / step.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
-            return Screen(kind, q, step, norm, float(step.max()))
+    def make(_: object) -> Screen:
+        w = linear.weight.detach()
+        norm = float(w.norm(dim=1).max())
+        if kind == "bf16":
+            return Screen(kind, torch.ops.mkldnn._reorder_linear_weight(w.bfloat16()), None,
+                          norm, 0.0)
+        # A bf16 step of at least max |w_j| / 127 (bf16 rounds by 2^-8 at most), so that every
+        # weight rounds to an int8 within half a step.
+        step = (w.abs().amax(1).clamp_min(2**-100) * (1 + 2**-7) / 127).bfloat16()
+        q = torch.round(w / step.float().unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+        return Screen(kind, q, step, norm, float(step.max()))
 
-        store[key] = _kept_copy((linear,), "screen " + kind, make) if fits else None
-    return store[key]
+    return _kept_copy((linear,), "screen " + kind, make)
 
 
 def _onednn() -> bool:
