@@ -1,10 +1,13 @@
-"""Batched, KV-cached sampling: the one generator that chat, serving, rejection sampling, PPO
-rollouts, Ghost Attention, distillation and evaluation all use.
+"""Decoding: the one generator that chat, serving, rejection sampling, PPO rollouts, Ghost
+Attention, distillation and evaluation all use.
 
-Prompts of different lengths are left-padded into one batch; each row keeps its own rotary
-positions and a padding mask, so a row's tokens are exactly what it would get alone. Rows that
-finish (EOS or a stop rule) leave the batch, so the remaining steps cost less. Per step the
-Python work is one forward of the new tokens, the sampling and the bookkeeping.
+A static KV cache (`KVCache`, [B, n_kv_heads, S, head_dim] per layer, S = the longest prompt +
+the new tokens), a prefill of every prompt at once, then one decode step per token that runs
+eager or compiled with `torch.compile` (`Decoder`; gpt-fast's recipe: fixed shapes, the step
+compiled apart from prefill, CUDA graphs through mode="reduce-overhead"). Prompts of different
+lengths are left-padded; each row keeps its own rotary positions and a padding mask, so a row's
+tokens are what it would get alone. Eager decoding drops finished rows from the batch (the
+remaining steps cost less); a compiled step keeps its shapes and masks them instead.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama2.model import Screen, Transformer, causal_padding_mask, inference_copies, screen_weight
+from llama2.model import Transformer, causal_padding_mask
 
 
 @dataclass
@@ -31,6 +34,81 @@ class Generation:
     finished: list[bool]
 
 
+class KVCache(nn.Module):
+    """Keys and values of every layer, [B, n_kv_heads, max_len, head_dim], of fixed shape: a
+    step writes its positions in place and attends over the whole cache through its mask."""
+
+    def __init__(self, model: Transformer, batch_size: int, max_len: int):
+        super().__init__()
+        args, w = model.args, model.output.weight
+        shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
+        # Zeros, not empty: masked positions still enter attention's product (0 * NaN = NaN).
+        for i in range(args.n_layers):
+            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=w.dtype, device=w.device))
+            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=w.dtype, device=w.device))
+        self.max_len, self.n_layers = max_len, args.n_layers
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v [B, H, T, D] at positions input_pos [T]; return the whole cache."""
+        k_all, v_all = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
+        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
+        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        return k_all, v_all
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only batch rows `rows` (eager decoding drops finished sequences)."""
+        for name, buf in list(self.named_buffers()):
+            setattr(self, name, buf[rows])
+
+
+def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor,
+                 input_pos: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+                 ) -> torch.Tensor:
+    """Logits [B, V] of one new token per row: tokens/positions [B, 1] at cache position
+    input_pos [1]; valid [B, S] marks the cache's real (not padding) positions."""
+    keys = torch.arange(cache.max_len, device=tokens.device)
+    mask = (valid & (keys <= input_pos)).view(tokens.shape[0], 1, 1, -1)
+    h = model.hidden(tokens, positions=positions, mask=mask, cache=cache, input_pos=input_pos)
+    return model.output(h[:, -1])
+
+
+_COMPILED: dict[str, Callable] = {}  # one compiled step per mode: its cost is paid once a process
+
+
+class Decoder:
+    """Runs one model's decode step, eager or compiled, and keeps its static KV cache between
+    calls (a compiled step is only fast on the same cache). Hold one where a model decodes many
+    times (the server, chat, PPO rollouts); `generate` makes a passing one otherwise.
+
+    compile: None chooses per device: compiled on CUDA, where a step is dominated by launching
+    kernels (CUDA graphs remove that), eager on CPU, where compiling costs more than the
+    pipeline's many short generate calls with ever new shapes save."""
+
+    def __init__(self, model: Transformer, compile: bool | None = None):
+        self.model = model
+        device = model.output.weight.device
+        self.compiled = device.type == "cuda" if compile is None else compile
+        self.step = _decode_step
+        if self.compiled:
+            mode = "reduce-overhead" if device.type == "cuda" else "default"
+            if mode not in _COMPILED:
+                _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True)
+            self.step = _COMPILED[mode]
+        self._cache: KVCache | None = None
+
+    def cache(self, batch_size: int, max_len: int) -> KVCache:
+        """A zeroed-or-reused cache of this shape: stale entries sit only at masked positions."""
+        c = self._cache
+        if c is None or c.k0.shape[0] != batch_size or c.max_len != max_len:
+            c = KVCache(self.model, batch_size, max_len)
+            if self.compiled:  # kept by the compiled graph (CUDA graphs) rather than copied in
+                for buf in c.buffers():
+                    torch._dynamo.mark_static_address(buf)
+            self._cache = c if self.compiled else None
+        return c
+
+
 def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
     values = [float(value)] * n if isinstance(value, (int, float)) else [float(v) for v in value]
     if len(values) != n:
@@ -40,43 +118,14 @@ def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
 
 def greedy(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """argmax over the last dimension of logits [B, V], the first maximum on ties as
-    `torch.argmax`: on CPU argmax scans a row one element at a time (16 x 32k logits: 0.43
-    ms), so find the chunk that holds the first maximum with a vectorized `amax` and scan only
-    that chunk (0.05 ms)."""
+    `torch.argmax`: on CPU argmax scans a row one element at a time, so find the chunk that holds
+    the first maximum with a vectorized `amax` and scan only that chunk."""
     B, V = logits.shape
     if V % chunk or logits.device.type != "cpu":
         return logits.argmax(-1)
     chunks = logits.view(B, V // chunk, chunk)
     best = chunks.amax(-1).argmax(-1)
     return best * chunk + chunks[torch.arange(B), best].argmax(-1)
-
-
-def screened_greedy(h: torch.Tensor, weight: torch.Tensor, screen: Screen,
-                    logits: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """`greedy(logits(h))` for hidden states h [B, dim] and the fp32 vocabulary projection
-    `weight` [V, dim], with most of its products done on a cheaper copy (model.Screen).
-
-    Every approximate logit lies within the screen's bound_b of the fp32 one, so a token whose
-    approximate logit is more than 2 bound_b below the row's largest cannot be that row's
-    argmax. Only the tokens that pass for some row are multiplied in fp32, in vocabulary order:
-    the same first maximum, up to fp32 rounding between logits that tie to ~1e-7 (where
-    transformers' own products already round differently). On the 15M config's random weights
-    ~10 (one row) to ~100-1400 (16 rows) of 32k tokens pass. Falls back to the full logits
-    where nothing passes (NaN) or too much does."""
-    approx = screen.logits(h)
-    # Each token's best over the rows, and each row's best (fp32 reduces and compares faster
-    # than bf16; the values are exact).
-    if len(h) == 1:
-        best = approx[0].float()
-        top = best.max()
-    else:
-        best, top = approx.amax(0).float(), approx.amax(-1).float()
-    # One floor for all rows: a superset of each row's tokens, harmless.
-    floor = float((top - 2 * screen.bound(h)).min())
-    ids = (best >= floor).nonzero().view(-1)
-    if not 0 < ids.numel() <= weight.shape[0] // 8:
-        return greedy(logits(h))
-    return ids[torch.mm(h, weight.index_select(0, ids).t()).argmax(-1)]
 
 
 def truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
@@ -105,8 +154,10 @@ def truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                top_k: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Next token per row from logits [B, V]; temperature 0 means greedy for that row."""
+                top_k: torch.Tensor, generator: torch.Generator | None,
+                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+    """Next token per row from logits [B, V]; temperature 0 means greedy for that row.
+    uniforms [B, 1]: the rows' random draws (default: drawn from `generator`)."""
     sampled_rows = temperature.view(-1) > 0
     if not bool(sampled_rows.any()):
         return greedy(logits)
@@ -117,21 +168,16 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     # vocabulary (one cumsum and a binary search per row); right=True never lands on a
     # zero-probability token.
     cdf = logits.softmax(-1).cumsum(-1)
-    u = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device) * cdf[:, -1:]
+    if uniforms is None:
+        uniforms = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
+    u = uniforms * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1).view(-1)
     if bool(sampled_rows.all()):
         return choice
     return torch.where(sampled_rows, choice, greedy(logits))
 
 
-def generate(model: Transformer, prompts: list[list[int]], *args, **kwargs) -> Generation:
-    """`sample` with autograd off and the decode-friendly weight copies (model.py); one prompt
-    decodes one row per step, where oneDNN's packed copies would not pay for themselves."""
-    with torch.inference_mode(), inference_copies(packed=len(prompts) > 1):
-        return sample(model, prompts, *args, **kwargs)
-
-
-def sample(
+def generate(
     model: Transformer,
     prompts: list[list[int]],
     max_new_tokens: int = 64,
@@ -145,14 +191,15 @@ def sample(
     on_token: Callable[[int, int], None] | None = None,
     max_batch_tokens: int | None = None,
     logprobs: bool = True,
+    decoder: Decoder | None = None,
 ) -> Generation:
-    """Sample up to `max_new_tokens` after each prompt (token ids, BOS included).
+    """Sample up to `max_new_tokens` after each prompt (token ids, BOS included), autograd off.
 
     temperature/top_p/top_k may be given per prompt. `stop(row, new_tokens)` ends a row early
     (stop strings); `on_token(row, token)` streams every new token as it is sampled.
     `max_batch_tokens` splits a large batch into chunks that fit that many cache slots.
-    `logprobs=False` skips the log-softmax over the vocabulary that the log-probabilities cost
-    every step (16 x 32k logits: ~0.3 ms), for callers that only want tokens.
+    `logprobs=False` skips the log-softmax over the vocabulary, for callers that only want
+    tokens. `decoder`: the caller's `Decoder` of this model (eager or compiled, its cache kept).
     """
     if not prompts:
         return Generation([], [], [])
@@ -166,10 +213,7 @@ def sample(
     n = len(prompts)
     temps, tps = _per_row(temperature, n, "temperature"), _per_row(top_p, n, "top_p")
     tks = _per_row(top_k, n, "top_k").long()
-    generator = None
-    device = model.output.weight.device
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    decoder = decoder if decoder is not None else Decoder(model)
 
     if max_batch_tokens and n > 1 and n * (longest + max_new_tokens) > max_batch_tokens:
         per = max(1, max_batch_tokens // (longest + max_new_tokens))
@@ -186,76 +230,84 @@ def sample(
                             tks[s:s + per].view(-1).tolist(), eos_id, pad_id,
                             None if seed is None else seed + s,
                             row_stop if stop else None, row_token if on_token else None,
-                            logprobs=logprobs)
+                            logprobs=logprobs, decoder=decoder)
             out.tokens += part.tokens
             out.logprobs += part.logprobs
             out.finished += part.finished
         return out
+    with torch.inference_mode():
+        return _decode(decoder, prompts, max_new_tokens, temps, tps, tks, eos_id, pad_id, seed,
+                       stop, on_token, logprobs)
 
+
+def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
+            temps: torch.Tensor, tps: torch.Tensor, tks: torch.Tensor, eos_id: int | None,
+            pad_id: int, seed: int | None, stop: Callable[[int, list[int]], bool] | None,
+            on_token: Callable[[int, int], None] | None, logprobs: bool) -> Generation:
+    """Prefill, then one decode step per token (see `generate`)."""
+    model, n = decoder.model, len(prompts)
+    device = model.output.weight.device
+    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     temps, tps, tks = temps.to(device), tps.to(device), tks.to(device)
+    longest = max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
     pads = longest - lengths
     tokens = torch.full((n, longest), pad_id, dtype=torch.long, device=device)
     for i, p in enumerate(prompts):
         tokens[i, longest - len(p):] = torch.tensor(p, dtype=torch.long)
     total = longest + max_new_tokens
-    padded = bool((pads > 0).any())
-    valid = torch.ones(n, total, dtype=torch.bool, device=device)
-    if padded:
-        valid[:, :longest] = torch.arange(longest, device=device).view(1, -1) >= pads.view(-1, 1)
-    cache = model.new_cache(n, total)
+    valid = torch.ones(n, total, dtype=torch.bool, device=device)  # False on left padding
+    valid[:, :longest] = torch.arange(longest, device=device).view(1, -1) >= pads.view(-1, 1)
+    cache = decoder.cache(n, total)
 
     # Prefill: every prompt at once; rotary positions start at 0 after each row's padding.
     positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
-    mask = causal_padding_mask(valid[:, :longest]) if padded else None
-    h = model.hidden(tokens, positions=positions if padded else None, mask=mask, cache=cache)
+    h = model.hidden(tokens, positions=positions, mask=causal_padding_mask(valid, 0, longest),
+                     cache=cache, input_pos=torch.arange(longest, device=device))
+    logits = model.output(h[:, -1])
 
-    # Greedy rows without log-probabilities need only each row's largest logit.
-    screen = None
-    if (not logprobs and type(model.output) is nn.Linear and not bool((temps > 0).any())
-            and not torch.is_autocast_enabled(device.type)):
-        screen = screen_weight(model.output)
-
-    def pick(h: torch.Tensor, temps: torch.Tensor, tps: torch.Tensor, tks: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The next token of each row from its last hidden state, and the logits if made."""
-        if screen is not None:
-            return screened_greedy(h, model.output.weight, screen, model.logits), None
-        logits = model.logits(h)
-        return sample_next(logits, temps, tps, tks, generator), logits
-
-    rows = torch.arange(n, device=device)  # original index of each active row
+    sampled = bool((temps > 0).any())
+    rows = torch.arange(n, device=device)  # original index of each row in the batch
+    active = list(range(n))  # positions in the batch of the rows still decoding
     out_tokens: list[list[int]] = [[] for _ in range(n)]
     out_logprobs: list[list[float]] = [[] for _ in range(n)]
     finished = [False] * n
-    pos = lengths.clone()  # next rotary position of each active row
+    pos = lengths.view(-1, 1).clone()  # next rotary position of each row
     for step in range(max_new_tokens):
-        nxt, logits = pick(h[:, -1], temps, tps, tks)
+        # Every row draws each step, finished or not: a row's samples do not depend on which
+        # others are still in the batch (eager drops them, compiled keeps them).
+        uniforms = None
+        if sampled:
+            uniforms = torch.rand(n, 1, generator=generator, device=device)[rows]
+        nxt = sample_next(logits, temps, tps, tks, generator, uniforms)
         nxt_list, row_list = nxt.tolist(), rows.tolist()
         if logprobs:
             logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.view(-1, 1)).view(-1)
-            for r, lp in zip(row_list, logp.tolist()):
-                out_logprobs[r].append(lp)
+            logp_list = logp.tolist()
         done = []
-        for j, (r, t) in enumerate(zip(row_list, nxt_list)):
+        for j in active:
+            r, t = row_list[j], nxt_list[j]
             out_tokens[r].append(t)
+            if logprobs:
+                out_logprobs[r].append(logp_list[j])
             if on_token is not None:
                 on_token(r, t)
             if t == eos_id or (stop is not None and stop(r, out_tokens[r])):
                 finished[r] = True
                 done.append(j)
-        if step == max_new_tokens - 1 or len(done) == len(row_list):
+        if step == max_new_tokens - 1 or len(done) == len(active):
             break
-        if done:  # drop finished rows from the batch and the cache
+        if done and not decoder.compiled:  # drop finished rows from the batch and the cache
             keep = torch.ones(len(row_list), dtype=torch.bool, device=device)
             keep[done] = False
             cache.select(keep)
             rows, nxt, pos = rows[keep], nxt[keep], pos[keep]
             temps, tps, tks, valid = temps[keep], tps[keep], tks[keep], valid[keep]
-        start = longest + step
-        step_mask = valid[:, : start + 1].view(len(rows), 1, 1, start + 1) if padded else None
-        h = model.hidden(nxt.view(-1, 1), positions=pos.view(-1, 1) if padded else None,
-                         mask=step_mask, cache=cache, start=start)
+            active = list(range(len(rows)))
+        elif done:  # a compiled step keeps its shapes: finished rows stay, unread
+            active = [j for j in active if j not in done]
+        input_pos = torch.tensor([longest + step], device=device)
+        logits = decoder.step(model, cache, nxt.view(-1, 1), input_pos, pos, valid)
         pos = pos + 1
     return Generation(out_tokens, out_logprobs, finished)
 

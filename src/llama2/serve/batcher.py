@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from llama2.generation import generate
-from llama2.model import Transformer, inference_copies
+from llama2.generation import Decoder, generate
+from llama2.model import Transformer
 from llama2.tokenizer import Tokenizer
 
 log = logging.getLogger("llama2.serve")
@@ -147,10 +147,11 @@ class Batcher:
                       "cancelled": 0}
         self._batch_seconds = 1.0  # moving average, for Retry-After
         self._closed = False
+        self.decoder = Decoder(model)  # compiled on CUDA: held for the server's lifetime
         # Warm up once (lazy kernel and allocator setup), so the first request is not slow and
         # memory at rest already includes these one-time costs.
         generate(model, [[tokenizer.bos_id], [tokenizer.bos_id] * 2], max_new_tokens=2,
-                 eos_id=None, pad_id=tokenizer.pad_id)
+                 eos_id=None, pad_id=tokenizer.pad_id, decoder=self.decoder)
         _release_memory()
         self._thread = threading.Thread(target=self._loop, name="llama2-batcher", daemon=True)
         self._thread.start()
@@ -207,11 +208,6 @@ class Batcher:
         return batch
 
     def _loop(self) -> None:
-        # The weights never change while serving: make the decoding copies once (model.py).
-        with inference_copies():
-            self._serve()
-
-    def _serve(self) -> None:
         while True:
             with self.cond:
                 while not self.queue and not self._closed:
@@ -276,7 +272,7 @@ class Batcher:
                  max_new_tokens=max(j.max_tokens for j in batch),
                  temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
                  top_k=[j.top_k for j in batch], eos_id=eos, pad_id=self.tok.pad_id,
-                 seed=seed, stop=stop, on_token=on_token, logprobs=False)
+                 seed=seed, stop=stop, on_token=on_token, logprobs=False, decoder=self.decoder)
         for job in batch:
             if job.cancelled:
                 if job.reason is None:  # ended early because its client went away

@@ -14,8 +14,7 @@ from typing import TextIO
 
 from llama2.chat import DEFAULT_SYSTEM_PROMPT, Dialog, encode_prompt
 from llama2.commands import DTYPES, add_sampling_args, load_for_inference
-from llama2.generation import generate, truncate_at_eos
-from llama2.model import inference_copies
+from llama2.generation import Decoder, generate, truncate_at_eos
 from llama2.utils import atomic_write_text
 
 
@@ -25,6 +24,7 @@ class ChatSession:
     def __init__(self, loaded, system: str | None = None, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, max_new_tokens: int = 256, seed: int = 0):
         self.model, self.tok = loaded.model, loaded.tokenizer
+        self.decoder = Decoder(self.model)  # one per session: a compiled step is made once
         self.system = system
         self.sampling = dict(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         self.max_new_tokens = max_new_tokens
@@ -55,7 +55,7 @@ class ChatSession:
 
         gen = generate(self.model, [prompt], max_new_tokens=min(self.max_new_tokens, room),
                        eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, on_token=on_token,
-                       logprobs=False, **self.sampling)
+                       logprobs=False, decoder=self.decoder, **self.sampling)
         answer = self.tok.decode(truncate_at_eos(gen.tokens[0], self.tok.eos_id)).strip()
         self.dialog += [{"role": "user", "content": text},
                         {"role": "assistant", "content": answer}]
@@ -66,12 +66,6 @@ class ChatSession:
 
 
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
-    # One dialog, fixed weights: the decoding copies are made once, not per turn (model.py).
-    with inference_copies(packed=False):
-        _run(session, stdin, stdout)
-
-
-def _run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
     interactive = stdin.isatty()
 
     def write(s: str) -> None:
