@@ -1,4 +1,5 @@
-"""Model benchmark: this model against transformers' LlamaForCausalLM, same config, same process.
+"""Model benchmark: this model against transformers' LlamaForCausalLM, same config, same process,
+and the decoding workloads against an earlier commit of this project, alternating processes.
 
 Prints forward+backward tokens/s and generation tokens/s (batch 1 and 16) for both, and the
 ratio. The 15M config of llama2.c (dim 288, 6 layers, 6 heads, vocab 32000, seq 256).
@@ -8,26 +9,30 @@ sides (the model alone), and a training step's loss as each library computes it 
 trainer's `causal_lm_loss`, the output projection and cross-entropy chunked so the [tokens,
 32000] logits never exist whole; transformers: `labels=`, its own loss on the full logits).
 
-Generation is greedy on both sides, without log-probabilities (ours then screens the vocabulary
-with an int8 (one sequence) or bf16 (a batch) copy of the output projection and multiplies in
-fp32 only the tokens that can be a row's largest logit: `generation.screened_greedy`). Each
-generation call makes or reuses the decoding weight copies (model.py: kept between calls while
-the weights are unchanged), as the first timed call's warm-up has left them. For generation it
-also prints a bound: one decoding step's matrix products alone (every weight read once, through
-the same kernels and weight copies `generate` uses), timed back to back, and the ratio to
-transformers a generator that did nothing else would reach on this machine now. At batch 1 the
-products stream the weights from memory, so the bound moves with the memory bandwidth other
-tenants leave.
+Generation is greedy on both sides, without log-probabilities, eager (the CPU default).
+
+`--previous COMMIT` (default 4c06921, the design with the CPU weight-copy cache) times the
+pipeline's decoding workload (the tiny preset, greedy, prompts of 20-60 tokens, batch 1, 16 and
+64, 48 new tokens) and the 15M config at batch 1 and 16 in two processes, one importing this
+checkout and one that commit's `src/` (from `git archive`), alternating rounds, same weights.
 
     python bench/bench_model.py [--dtype float32|bfloat16] [--steps 5] [--new-tokens 64]
+        [--previous COMMIT | --previous none] [--ab-rounds 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +40,9 @@ import torch.nn.functional as F
 from llama2 import checkpoint
 from llama2.engine.losses import causal_lm_loss
 from llama2.generation import generate
-from llama2.model import inference_copies, preset, project, screen_weight
+from llama2.model import preset
+
+WORKLOADS = [("tiny", 1), ("tiny", 16), ("tiny", 64), ("15M", 1), ("15M", 16)]
 
 
 def paired_times(ours, peer, rounds: int) -> tuple[float, float]:
@@ -51,27 +58,58 @@ def paired_times(ours, peer, rounds: int) -> tuple[float, float]:
     return statistics.median(t_ours), statistics.median(t_peer)
 
 
-def products_alone(model, rows: int, steps: int, rounds: int) -> float:
-    """Median seconds for `steps` decoding steps' matrix products and nothing else."""
-    args = model.args
-    x, xh = torch.randn(rows, 1, args.dim), torch.randn(rows, 1, args.ffn_hidden_dim)
+def worker(weights: str, calls: int) -> None:
+    """One round of the decoding workloads in this process's `llama2` (this checkout or the
+    earlier commit's): prints {workload: median seconds per generate call} as JSON."""
+    from llama2.model import Transformer
 
-    def decode_steps():
-        for _ in range(steps):
-            for layer in model.layers:
-                att, ffn = layer.attention, layer.feed_forward
-                project(x, att.wq, att.wk, att.wv)
-                project(x, att.wo)
-                project(x, ffn.w1, ffn.w3)
-                project(xh, ffn.w2)
-            if screen is None:
-                project(x[:, -1], model.output)
-            else:  # greedy decoding screens the vocabulary (generation.screened_greedy)
-                screen.logits(x[:, -1])
+    out = {}
+    for name, batch in WORKLOADS:
+        model = Transformer(preset(name)).eval()
+        model.load_state_dict(torch.load(f"{weights}/{name}.pt"))
+        g = torch.Generator().manual_seed(batch)
+        prompts = [[1] + torch.randint(3, model.args.vocab_size, (int(n) - 1,), generator=g).tolist()
+                   for n in torch.randint(20, 61, (batch,), generator=g)]
+        times = []
+        for i in range(calls + 1):
+            t0 = time.perf_counter()
+            generate(model, prompts, max_new_tokens=48, eos_id=None, logprobs=False)
+            if i:  # the first call warms up
+                times.append(time.perf_counter() - t0)
+        out[f"{name} batch {batch}"] = statistics.median(times)
+    print(json.dumps(out))
 
-    with torch.inference_mode(), inference_copies(packed=rows > 1):
-        screen = screen_weight(model.output)
-        return paired_times(decode_steps, lambda: None, rounds)[0]
+
+def against_previous(commit: str, rounds: int) -> None:
+    """The decoding workloads in this checkout and at `commit`, alternating processes."""
+    root = Path(__file__).resolve().parents[1]
+    tmp = Path(tempfile.mkdtemp())
+    archive = subprocess.run(["git", "-C", str(root), "archive", commit, "src"], check=True,
+                             capture_output=True).stdout
+    old_src = tmp / "previous"
+    old_src.mkdir()
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(old_src, filter="data")
+    torch.manual_seed(0)
+    for name in {w for w, _ in WORKLOADS}:
+        model = checkpoint.Transformer(preset(name))
+        model.init_weights()
+        torch.save(model.state_dict(), tmp / f"{name}.pt")
+    sides = {"this checkout": root / "src", commit: old_src / "src"}
+    results: dict[str, list[dict]] = {k: [] for k in sides}
+    for _ in range(rounds):
+        for label, src in sides.items():
+            env = {**os.environ, "PYTHONPATH": str(src)}
+            r = subprocess.run([sys.executable, __file__, "--worker", str(tmp)], env=env,
+                               capture_output=True, text=True, check=True)
+            results[label].append(json.loads(r.stdout.strip().splitlines()[-1]))
+    print(f"decoding, greedy, 48 new tokens: this checkout vs {commit} "
+          f"(median of {rounds} alternating rounds, each the median of 3 calls)")
+    for key in results["this checkout"][0]:
+        new = statistics.median(r[key] for r in results["this checkout"])
+        old = statistics.median(r[key] for r in results[commit])
+        print(f"  {key:14s}  this {new * 1e3:8.1f} ms  {commit} {old * 1e3:8.1f} ms  "
+              f"speed ratio {old / new:.2f}x")
 
 
 def main() -> None:
@@ -81,7 +119,15 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5, help="timed generation rounds")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--previous", default="4c06921",
+                    help="commit to time the decoding workloads against ('none': skip)")
+    ap.add_argument("--ab-rounds", type=int, default=5)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.worker:
+        return worker(a.worker, calls=3)
+    if a.previous != "none":
+        against_previous(a.previous, a.ab_rounds)
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -139,8 +185,6 @@ def main() -> None:
         t_ours, t_peer = paired_times(gen_ours, gen_peer, a.rounds)
         print(f"generate batch {batch:2d}  ours {n / t_ours:9.0f} tok/s  "
               f"transformers {n / t_peer:9.0f} tok/s  ratio {t_peer / t_ours:.2f}x")
-        t_bound = products_alone(ours, batch, n_new, a.rounds)
-        print(f"  the matrix products alone {n / t_bound:.0f} tok/s, {t_peer / t_bound:.2f}x")
 
 
 if __name__ == "__main__":

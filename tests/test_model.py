@@ -289,3 +289,37 @@ def test_static_cache_keeps_its_shape_and_masks_padding():
     pad = generate(model, [[1, 5, 6, 7, 8, 9, 10, 11], [1, 2]], max_new_tokens=6, eos_id=None,
                    pad_id=7)
     assert pad.tokens[1] == generate(model, [[1, 2]], max_new_tokens=6, eos_id=None).tokens[0]
+
+
+def test_packed_twin_decodes_what_the_model_decodes(tmp_path):
+    """Eager CPU decoding runs a twin with oneDNN-packed large linears (llama2.packed): the 15M
+    config's 32k x 288 head and feed-forward (2 layers here) give transformers' greedy tokens,
+    one prompt and a batch, and the model's own log-probabilities; the twin shares every other
+    tensor and leaves the model untouched."""
+    from llama2 import packed
+    from llama2.generation import Decoder
+
+    if not packed.available():
+        pytest.skip("oneDNN's fp32 packed linear is missing or inexact on this CPU (steps aside)")
+    torch.manual_seed(0)
+    model = Transformer(preset("15M", n_layers=2)).eval()
+    model.init_weights()
+    decoder = Decoder(model)
+    twin = decoder.twin
+    assert isinstance(twin.output, packed.PackedLinear) and type(model.output) is torch.nn.Linear
+    assert twin.tok_embeddings.weight is model.tok_embeddings.weight
+    checkpoint.export_hf(model, None, tmp_path)
+    peer = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+    prompts = [[1, 500, 6000, 7, 31000, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 3400]]
+    batch = generate(model, prompts, max_new_tokens=24, eos_id=None, decoder=decoder)
+    plain = generate(model, prompts, max_new_tokens=24, eos_id=None,
+                     decoder=Decoder(model, packed=False))
+    assert batch.tokens == plain.tokens
+    for a, b in zip(batch.logprobs, plain.logprobs):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
+    for p, new in zip(prompts, batch.tokens):
+        assert generate(model, [p], max_new_tokens=24, eos_id=None, decoder=decoder).tokens[0] == new
+        with torch.no_grad():
+            out = peer.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
+                                pad_token_id=0, eos_token_id=None)
+        assert out[0, len(p):].tolist() == new

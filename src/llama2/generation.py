@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from llama2.model import Transformer, causal_padding_mask
+from llama2.packed import packed_twin
 
 
 @dataclass
@@ -34,32 +34,30 @@ class Generation:
     finished: list[bool]
 
 
-class KVCache(nn.Module):
+class KVCache:
     """Keys and values of every layer, [B, n_kv_heads, max_len, head_dim], of fixed shape: a
     step writes its positions in place and attends over the whole cache through its mask."""
 
     def __init__(self, model: Transformer, batch_size: int, max_len: int):
-        super().__init__()
-        args, w = model.args, model.output.weight
+        args, w = model.args, model.tok_embeddings.weight
         shape = (batch_size, args.n_kv_heads, max_len, args.head_dim)
         # Zeros, not empty: masked positions still enter attention's product (0 * NaN = NaN).
-        for i in range(args.n_layers):
-            self.register_buffer(f"k{i}", torch.zeros(shape, dtype=w.dtype, device=w.device))
-            self.register_buffer(f"v{i}", torch.zeros(shape, dtype=w.dtype, device=w.device))
-        self.max_len, self.n_layers = max_len, args.n_layers
+        self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(args.n_layers)]
+        self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(args.n_layers)]
+        self.max_len = max_len
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k/v [B, H, T, D] at positions input_pos [T]; return the whole cache."""
-        k_all, v_all = getattr(self, f"k{layer}"), getattr(self, f"v{layer}")
-        k_all.index_copy_(2, input_pos, k.to(k_all.dtype))
-        v_all.index_copy_(2, input_pos, v.to(v_all.dtype))
+        k_all, v_all = self.k[layer], self.v[layer]
+        k_all.index_copy_(2, input_pos, k if k.dtype == k_all.dtype else k.to(k_all.dtype))
+        v_all.index_copy_(2, input_pos, v if v.dtype == v_all.dtype else v.to(v_all.dtype))
         return k_all, v_all
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only batch rows `rows` (eager decoding drops finished sequences)."""
-        for name, buf in list(self.named_buffers()):
-            setattr(self, name, buf[rows])
+        self.k = [k[rows] for k in self.k]
+        self.v = [v[rows] for v in self.v]
 
 
 def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor,
@@ -77,15 +75,19 @@ _COMPILED: dict[str, Callable] = {}  # one compiled step per mode: its cost is p
 
 
 class Decoder:
-    """Runs one model's decode step, eager or compiled, and keeps its static KV cache between
-    calls (a compiled step is only fast on the same cache). Hold one where a model decodes many
-    times (the server, chat, PPO rollouts); `generate` makes a passing one otherwise.
+    """Runs one model's prefill and decode steps, eager or compiled, for as long as its weights
+    do not change: hold one where a model with fixed weights decodes many times (the server,
+    chat, an evaluation); `generate` makes a passing one otherwise (after an optimizer step, make
+    a new one). It keeps its static KV cache between calls (a compiled step is only fast on the
+    same cache).
 
     compile: None chooses per device: compiled on CUDA, where a step is dominated by launching
     kernels (CUDA graphs remove that), eager on CPU, where compiling costs more than the
-    pipeline's many short generate calls with ever new shapes save."""
+    pipeline's many short generate calls with ever new shapes save.
+    packed: eager CPU decoding runs a twin of the model with oneDNN-packed large linears
+    (`llama2.packed`; None where it steps aside or under autocast)."""
 
-    def __init__(self, model: Transformer, compile: bool | None = None):
+    def __init__(self, model: Transformer, compile: bool | None = None, packed: bool = True):
         self.model = model
         device = model.output.weight.device
         self.compiled = device.type == "cuda" if compile is None else compile
@@ -95,15 +97,23 @@ class Decoder:
             if mode not in _COMPILED:
                 _COMPILED[mode] = torch.compile(_decode_step, mode=mode, fullgraph=True)
             self.step = _COMPILED[mode]
+        self.twin = packed_twin(model) if packed and not self.compiled else None
         self._cache: KVCache | None = None
+
+    def net(self) -> Transformer:
+        """The model this call decodes with: the packed twin where there is one and autocast
+        (whose activations it would refuse) is off."""
+        if self.twin is None or torch.is_autocast_enabled("cpu"):
+            return self.model
+        return self.twin
 
     def cache(self, batch_size: int, max_len: int) -> KVCache:
         """A zeroed-or-reused cache of this shape: stale entries sit only at masked positions."""
         c = self._cache
-        if c is None or c.k0.shape[0] != batch_size or c.max_len != max_len:
+        if c is None or c.k[0].shape[0] != batch_size or c.max_len != max_len:
             c = KVCache(self.model, batch_size, max_len)
             if self.compiled:  # kept by the compiled graph (CUDA graphs) rather than copied in
-                for buf in c.buffers():
+                for buf in c.k + c.v:
                     torch._dynamo.mark_static_address(buf)
             self._cache = c if self.compiled else None
         return c
@@ -245,8 +255,8 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
             pad_id: int, seed: int | None, stop: Callable[[int, list[int]], bool] | None,
             on_token: Callable[[int, int], None] | None, logprobs: bool) -> Generation:
     """Prefill, then one decode step per token (see `generate`)."""
-    model, n = decoder.model, len(prompts)
-    device = model.output.weight.device
+    model, n = decoder.net(), len(prompts)
+    device = decoder.model.output.weight.device
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     temps, tps, tks = temps.to(device), tps.to(device), tks.to(device)
     longest = max(len(p) for p in prompts)
