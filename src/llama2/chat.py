@@ -4,6 +4,14 @@ A dialog is a list of `{"role": "system"|"user"|"assistant", "content": str}`. A
 may come first; it is folded into the first user message between `<<SYS>>` markers. Every
 finished (user, assistant) pair is `BOS [INST] user [/INST] answer EOS`, tokenized as one
 string; an open last user turn is `BOS [INST] user [/INST]`.
+
+The turns are marked with plain text, so text that carries a tag could end a turn, write the
+assistant's words and open a new one inside one message. As Meta's reference (which answers
+"Error: special tags are not allowed as part of the prompt"), a message of any role that holds
+one of `SPECIAL_TAGS` is refused: `normalize`, which every encoder goes through, raises
+`SpecialTagError`. Only the exact tags are refused: the tokenizer does not normalize text
+(identity rule, as Llama's), so only these exact characters encode to a tag's ids; variants
+such as "[inst]", "[ INST ]" or full-width brackets encode to other ids and stay plain text.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from llama2.tokenizer import Tokenizer
 
 B_INST, E_INST = "[INST]", "[/INST]"
 B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+SPECIAL_TAGS = (B_INST, E_INST, "<<SYS>>", "<</SYS>>")  # Meta's list, refused in any message
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful, respectful and honest assistant. Always answer as helpfully as "
@@ -26,14 +35,50 @@ DEFAULT_SYSTEM_PROMPT = (
 
 Message = dict[str, str]
 Dialog = list[Message]
+# What a data loader does with a record whose text carries a chat tag: "error" (one line naming
+# file, line and field) or "skip" (counted, one summary line at the end); never trained on.
+OnSpecialTags = Literal["error", "skip"]
 
 
 class DialogError(ValueError):
     """A dialog that does not follow the system? (user assistant)* user? shape."""
 
 
+class SpecialTagError(DialogError):
+    """A message carries a chat-format tag: it could forge turns, so the dialog is refused."""
+
+    def __init__(self, index: int, role: str, tag: str):
+        self.index, self.role, self.tag = index, role, tag
+        super().__init__(f"message {index} ({role}) contains the chat tag {tag!r}; the tags "
+                         f"{', '.join(SPECIAL_TAGS)} mark turns and are not allowed inside a "
+                         "message")
+
+
+def find_special_tag(text: str) -> str | None:
+    """The first chat tag in `text` (by position), or None."""
+    hits = [(text.find(t), t) for t in SPECIAL_TAGS if t in text]
+    return min(hits)[1] if hits else None
+
+
+def check_special_tags(dialog: Dialog) -> None:
+    """Raise SpecialTagError for the first message (of any role) that carries a chat tag."""
+    for i, m in enumerate(dialog):
+        tag = find_special_tag(m["content"])
+        if tag is not None:
+            raise SpecialTagError(i, m["role"], tag)
+
+
+def end_at_special_tag(text: str) -> str:
+    """A model's reply up to the first chat tag: writing one is starting a new turn, so the
+    reply ends there (as a stop sequence would) and never feeds a forged turn to a later
+    prompt, a reward model or a training set."""
+    tag = find_special_tag(text)
+    return text if tag is None else text[:text.find(tag)].rstrip()
+
+
 def normalize(dialog: Dialog) -> Dialog:
-    """Check roles and fold a leading system message into the first user turn."""
+    """Check roles and chat tags (`SpecialTagError`), and fold a leading system message into
+    the first user turn."""
     if not isinstance(dialog, list) or not dialog:
         raise DialogError("a dialog must be a non-empty list of messages")
     for i, m in enumerate(dialog):
@@ -42,6 +87,7 @@ def normalize(dialog: Dialog) -> Dialog:
         if m["role"] not in ("system", "user", "assistant"):
             raise DialogError(f"message {i}: unknown role {m['role']!r} "
                               "(expected system, user or assistant)")
+    check_special_tags(dialog)
     if dialog[0]["role"] == "system":
         if len(dialog) < 2:
             raise DialogError("a system message must be followed by a user message")

@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from llama2.chat import Dialog, encode_dialog
+from llama2.chat import Dialog, encode_dialog, end_at_special_tag
 from llama2.model import ModelArgs, Transformer
 from llama2.tokenizer import Tokenizer
 from llama2.utils import atomic_write, atomic_write_text
@@ -94,7 +94,9 @@ def load_reward_model(folder: str | os.PathLike, device: str | torch.device = "c
 
 def encode_scored(tok: Tokenizer, dialog: Dialog, response: str, max_len: int) -> list[int]:
     """Context + response in the chat format, cut from the left to fit `max_len` (the answer
-    matters; 0 keeps it whole)."""
+    matters; 0 keeps it whole). A sampled response is scored up to its first chat tag, where
+    the policy started a new turn: a forged turn can neither fool the RM nor stop the run."""
+    response = end_at_special_tag(response)
     ids, _ = encode_dialog(tok, list(dialog) + [{"role": "assistant", "content": response}],
                            learn="none")
     return ids[-max_len:] if max_len else ids

@@ -1,7 +1,9 @@
 """`llama2 chat`: talk to a model in the terminal, in the Llama 2 chat format, streaming tokens.
 
 Commands inside the chat: /reset (forget the dialog), /system TEXT (set the system message
-and reset), /save FILE (write the dialog as JSON), /quit.
+and reset), /save FILE (write the dialog as JSON), /quit. A message or system message that
+carries a chat tag ([INST], [/INST], <<SYS>>, <</SYS>>) is refused in one line and the session
+goes on; the model's answer ends where it starts writing a tag.
 """
 
 from __future__ import annotations
@@ -12,7 +14,14 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from llama2.chat import DEFAULT_SYSTEM_PROMPT, Dialog, encode_prompt
+from llama2.chat import (
+    DEFAULT_SYSTEM_PROMPT,
+    Dialog,
+    SpecialTagError,
+    encode_prompt,
+    end_at_special_tag,
+    find_special_tag,
+)
 from llama2.commands import DTYPES, add_sampling_args, load_for_inference
 from llama2.generation import Decoder, generate, truncate_at_eos
 from llama2.utils import atomic_write_text
@@ -49,20 +58,26 @@ class ChatSession:
 
         def on_token(row: int, token: int) -> None:
             new.append(token)
-            answer = self.tok.decode(truncate_at_eos(new, self.tok.eos_id))
+            answer = end_at_special_tag(self.tok.decode(truncate_at_eos(new, self.tok.eos_id)))
             write(answer[len(shown[0]):])
             shown[0] = answer
 
         gen = generate(self.model, [prompt], max_new_tokens=min(self.max_new_tokens, room),
                        eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, on_token=on_token,
                        logprobs=False, decoder=self.decoder, **self.sampling)
-        answer = self.tok.decode(truncate_at_eos(gen.tokens[0], self.tok.eos_id)).strip()
+        # A chat tag starts a new turn: the answer ends there, so the next prompt holds none.
+        answer = end_at_special_tag(self.tok.decode(truncate_at_eos(gen.tokens[0],
+                                                                    self.tok.eos_id))).strip()
         self.dialog += [{"role": "user", "content": text},
                         {"role": "assistant", "content": answer}]
         return answer
 
     def save(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.messages(), indent=2, ensure_ascii=False) + "\n")
+
+
+_TAG_REFUSAL = ("the text contains the chat tag {tag!r}, which marks turns in the Llama 2 chat "
+                "format and is not allowed inside a message")
 
 
 def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
@@ -87,6 +102,11 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
             session.reset()
             write("[dialog reset]\n")
         elif line.startswith("/system"):
+            tag = find_special_tag(line)
+            if tag is not None:
+                write(f"[refused: {_TAG_REFUSAL.format(tag=tag)}; the system message is "
+                      "unchanged]\n")
+                continue
             session.system = line[len("/system"):].strip() or None
             session.reset()
             write(f"[system message {'set' if session.system else 'cleared'}; dialog reset]\n")
@@ -102,6 +122,8 @@ def run(session: ChatSession, stdin: TextIO, stdout: TextIO) -> None:
         else:
             try:
                 session.reply(line, write)
+            except SpecialTagError as e:  # one line; the dialog so far is kept as it was
+                write(f"[refused: {_TAG_REFUSAL.format(tag=e.tag)}; nothing was sent]")
             except ValueError as e:
                 write(f"[error: {e}]")
             write("\n")
@@ -116,6 +138,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto")
     add_sampling_args(ap)
     a = ap.parse_args(argv)
+    if a.system and find_special_tag(a.system):  # refused before the model is loaded
+        raise ValueError(f"--system: {_TAG_REFUSAL.format(tag=find_special_tag(a.system))}")
     loaded = load_for_inference(a.model, a.tokenizer, a.dtype, a.device)
     system = DEFAULT_SYSTEM_PROMPT if a.system == "default" else a.system
     session = ChatSession(loaded, system, a.temperature, a.top_p, a.top_k, a.max_new_tokens,

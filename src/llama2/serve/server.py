@@ -5,8 +5,12 @@
 
 Endpoints: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health (the
 only one without the API key). Chat messages are put in the Llama 2 chat format here, on the
-server. Concurrent requests share `generate` calls (see batcher.py, which also says how `seed`
-behaves in a batch). Errors use OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
+server, and a message of any role that carries one of its tags ([INST], [/INST], <<SYS>>,
+<</SYS>>) is refused with a 400 naming `messages[i].content` (code "special_tag"), as Meta's
+chat_completion refuses it; /v1/completions keeps its prompt as given. A chat reply ends
+where the model starts writing a tag (an implicit stop string). Concurrent requests share
+`generate` calls (see batcher.py, which also says how `seed` behaves in a batch). Errors use
+OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
 from __future__ import annotations
@@ -33,7 +37,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llama2.chat import DEFAULT_SYSTEM_PROMPT, DialogError, encode_prompt, with_system
+from llama2.chat import (
+    DEFAULT_SYSTEM_PROMPT,
+    SPECIAL_TAGS,
+    DialogError,
+    SpecialTagError,
+    check_special_tags,
+    encode_prompt,
+    with_system,
+)
 from llama2.checkpoint import Loaded
 from llama2.serve.batcher import Batcher, Event, Job, QueueFull, Sink
 
@@ -240,6 +252,8 @@ class Server:
     def make_jobs(self, req: _Request, prompts: list[list[int]], contexts: list[list[int]],
                   sink: Sink) -> list[Job]:
         stops = req.stop_list()
+        if isinstance(req, ChatRequest):  # a chat tag starts a new turn: the reply ends there
+            stops += [t for t in SPECIAL_TAGS if t not in stops]
         jobs = []
         for p, (prompt, context) in enumerate(zip(prompts, contexts)):
             max_tokens = self.budget(req, len(prompt))
@@ -356,6 +370,11 @@ def create_app(loaded: Loaded, config: ServeConfig) -> FastAPI:
         req: ChatRequest = await server.read_json(request, ChatRequest)
         name = server.check_model(req.model)
         dialog = [{"role": m.role, "content": m.text(i)} for i, m in enumerate(req.messages)]
+        try:  # before a default system message is put first, so the index is the client's
+            check_special_tags(dialog)
+        except SpecialTagError as e:
+            param = f"messages[{e.index}].content"
+            raise APIError(400, f"{param}: {e}", code="special_tag", param=param) from None
         use_default = req.use_default_system_prompt
         if use_default is None:
             use_default = config.default_system_prompt

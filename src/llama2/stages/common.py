@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from llama2 import checkpoint, config
-from llama2.chat import Dialog
+from llama2.chat import Dialog, OnSpecialTags
 from llama2.utils import resolve_device
 
 
@@ -25,16 +25,18 @@ def load_policy(path: str, device: str = "auto") -> checkpoint.Loaded:
     return loaded
 
 
-def load_dialogs(path: str) -> list[Dialog]:
-    """Dialogs from a file: `messages` JSONL (.jsonl) or Alpaca JSON (.json)."""
+def load_dialogs(path: str, on_special_tags: OnSpecialTags = "error") -> list[Dialog]:
+    """Dialogs from a file: `messages` JSONL (.jsonl) or Alpaca JSON (.json). A record carrying
+    a chat tag is a one-line error naming file, line and field, or (on_special_tags = "skip")
+    counted and skipped (world/adapters.py)."""
     from llama2.world import adapters
 
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"{p}: no such file")
     if p.suffix == ".json":
-        return adapters.load_alpaca(p)
-    return adapters.load_messages_jsonl(p)
+        return adapters.load_alpaca(p, on_special_tags=on_special_tags)
+    return adapters.load_messages_jsonl(p, on_special_tags=on_special_tags)
 
 
 def parse_stage(cls: type, argv: list[str], prog: str) -> Any:

@@ -62,7 +62,16 @@ from typing import Any, Protocol
 
 import torch
 
-from llama2.chat import B_INST, B_SYS, Dialog, encode_dialog, encode_prompt
+from llama2.chat import (
+    B_INST,
+    B_SYS,
+    Dialog,
+    OnSpecialTags,
+    encode_dialog,
+    encode_prompt,
+    end_at_special_tag,
+    find_special_tag,
+)
 from llama2.engine import TrainConfig
 from llama2.generation import generate, truncate_at_eos
 from llama2.model import apply_rope
@@ -138,6 +147,11 @@ def load_instructions(source: str = "world") -> list[Persistent]:
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not r.get("verbose"):
             raise ValueError(f"{source}: instruction {i} needs at least a 'verbose' text")
+        for key in ("verbose", "terse", "prefix", "suffix"):  # system message and answers
+            tag = find_special_tag(r[key]) if isinstance(r.get(key), str) else None
+            if tag is not None:
+                raise ValueError(f"{source}: instruction {i}: field {key!r} carries the chat tag "
+                                 f"{tag!r}, which would forge a turn of the chat format")
         if "rule" in r:
             out.append(Instruction.from_dict(r))
             continue
@@ -224,7 +238,9 @@ def respond_full(loaded, dialogs: list[Dialog], temperature: float | list[float]
     gen = generate(loaded.model, ids, max_new_tokens=min(max_new_tokens, room),
                    temperature=temperature, top_p=1.0, eos_id=tok.eos_id, pad_id=tok.pad_id,
                    seed=seed, max_batch_tokens=64 * 512)
-    texts = [tok.decode(truncate_at_eos(t, tok.eos_id)).strip() for t in gen.tokens]
+    # An answer ends at its first chat tag (a new turn begun): it is the next turn's context.
+    texts = [end_at_special_tag(tok.decode(truncate_at_eos(t, tok.eos_id))).strip()
+             for t in gen.tokens]
     return texts, list(gen.finished)
 
 
@@ -291,7 +307,7 @@ def plan_dialogs(cfg: GAttConfig, pool: list[Persistent]) -> list[Plan]:
                 random_instruction(pool, rng, cfg.combo_share, weights)
             plans.append(Plan(inst, rng.random() < cfg.terse_share, rng.sample(tasks, n)))
     for path in files:  # real multi-turn dialogs: their user turns in order
-        for d in load_dialogs(path):
+        for d in load_dialogs(path, cfg.on_special_tags):
             users = [m["content"] for m in d if m["role"] == "user"][: cfg.max_turns]
             if users:
                 plans.append(Plan(random_instruction(pool, rng, cfg.combo_share, weights),
@@ -308,6 +324,9 @@ class GAttConfig:
     out: str = "runs/gatt"
     instructions: str = "world"  # "world" or a JSON file (module docstring)
     dialogs: list[str] = field(default_factory=lambda: ["world"])  # "world" or .jsonl files
+    # A data-file record whose dialog text carries a chat tag ([INST], [/INST], <<SYS>>,
+    # <</SYS>>): "error" (one line naming file, line and field) or "skip" (counted, summary).
+    on_special_tags: OnSpecialTags = "error"
     world_seed: int = 0
     n_dialogs: int = 1000
     min_turns: int = 1

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llama2 import checkpoint
+from llama2.chat import OnSpecialTags
 from llama2.engine import TrainConfig, make_optimizer
 from llama2.engine.checkpointing import rng_state, set_rng_state
 from llama2.generation import reply
@@ -42,6 +43,9 @@ class PPOConfig:
     safety_rm: str = ""
     out: str = "runs/ppo"
     prompts: list[str] = field(default_factory=lambda: ["world"])
+    # A data-file record whose dialog text carries a chat tag ([INST], [/INST], <<SYS>>,
+    # <</SYS>>): "error" (one line naming file, line and field) or "skip" (counted, summary).
+    on_special_tags: OnSpecialTags = "error"
     world_seed: int = 0
     round: int = 0
     n_prompts: int = 2048  # pool of training prompts
@@ -157,7 +161,8 @@ class PPO:
                                        device=self.policy.output.weight.device,
                                        safety_switch=cfg.safety_switch)
         pool = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts + cfg.heldout_prompts,
-                            cfg.safety_share, cfg.round, cfg.borderline_share)
+                            cfg.safety_share, cfg.round, cfg.borderline_share,
+                            on_special_tags=cfg.on_special_tags)
         random.Random(cfg.seed).shuffle(pool)
         self.heldout, self.pool = pool[: cfg.heldout_prompts], pool[cfg.heldout_prompts:]
 

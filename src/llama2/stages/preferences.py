@@ -22,6 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama2.chat import end_at_special_tag
 from llama2.generation import reply
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
@@ -57,10 +58,12 @@ def next_batch_index(out: Path, prefix: str = "") -> int:
 
 def sample_responses(loaded, prompts, temperatures: list[float], max_new_tokens: int,
                      seed: int, prompt_format: str = "chat") -> list[str]:
-    """One response per (prompt, temperature), batched through the shared generator."""
+    """One response per (prompt, temperature), batched through the shared generator; each ends
+    at its first chat tag (the model starting a new turn), so no sample carries one into
+    preference data or a fine-tuning set."""
     texts, _, _ = reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperatures, seed,
                         prompt_format=prompt_format, logprobs=False)
-    return texts
+    return [end_at_special_tag(t) for t in texts]
 
 
 def parse_variant(spec: str) -> tuple[str, str]:

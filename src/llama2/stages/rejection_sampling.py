@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from llama2.chat import OnSpecialTags
 from llama2.engine import TrainConfig
 from llama2.reward import TwoRewardModels
 from llama2.stages.common import load_policy, parse_stage
@@ -38,6 +39,9 @@ class RejectionSamplingConfig:
     safety_rm: str = ""
     out: str = "runs/rejection_sampling"
     prompts: list[str] = field(default_factory=lambda: ["world"])  # "world" or prompt files
+    # A record of a prompt file or of `previous` whose dialog text carries a chat tag ([INST],
+    # [/INST], <<SYS>>, <</SYS>>): "error" (one line: file, line, field) or "skip" (counted).
+    on_special_tags: OnSpecialTags = "error"
     world_seed: int = 0
     round: int = 0  # RLHF round: picks a fresh slice of world prompts
     n_prompts: int = 300
@@ -59,9 +63,12 @@ class RejectionSamplingConfig:
 
 
 def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: float, offset: int,
-                 borderline_share: float = 0.0, families: list[str] | None = None):
-    """World prompts (a fresh slice per round) or Prompt records from JSONL files."""
+                 borderline_share: float = 0.0, families: list[str] | None = None,
+                 on_special_tags: OnSpecialTags = "error"):
+    """World prompts (a fresh slice per round) or Prompt records from JSONL files (a record
+    carrying a chat tag: an error naming file, line and field, or skipped and counted)."""
     from llama2.world import Prompt, World
+    from llama2.world.adapters import DataError, SpecialTagFilter, _records
 
     prompts = []
     for src in sources:
@@ -75,14 +82,19 @@ def load_prompts(sources: list[str], world_seed: int, n: int, safety_share: floa
             prompts += world.borderline_prompts(n_border * (offset + 1),
                                                 split="train")[n_border * offset:]
         else:
-            for r in read_jsonl(src):
+            tags = SpecialTagFilter(src, on_special_tags)
+            for lineno, r in _records(src):
+                if isinstance(r, DataError):
+                    raise r
                 if "dialog" in r and "kind" in r:
-                    prompts.append(Prompt.from_dict(r))
+                    p = Prompt.from_dict(r)
                 else:  # a messages record ending with a user turn
                     msgs = r.get("messages") or r.get("dialog")
-                    prompts.append(Prompt(id=f"file-{len(prompts)}", dialog=msgs,
-                                          kind="safety" if r.get("safety") else "helpful",
-                                          family="file"))
+                    p = Prompt(id=f"file-{len(prompts)}", dialog=msgs,
+                               kind="safety" if r.get("safety") else "helpful", family="file")
+                if tags.keep(p.dialog, r, f"{src}:{lineno}"):
+                    prompts.append(p)
+            tags.summary()
     if not prompts:
         raise ValueError("no prompts for rejection sampling")
     return prompts
@@ -170,6 +182,8 @@ def plot_curves(curves: dict, sweep: dict | None, path: Path) -> None:
 
 
 def run(cfg: RejectionSamplingConfig) -> dict:
+    from llama2.world.adapters import load_messages_jsonl
+
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_policy(cfg.model, cfg.train.device)
@@ -211,8 +225,8 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     earlier = cfg.previous if cfg.keep == "all" else []
     if cfg.keep not in ("all", "latest"):
         raise ValueError(f"keep must be 'all' or 'latest', got {cfg.keep!r}")
-    for path in earlier:
-        train_dialogs += [r["messages"] for r in read_jsonl(path)]
+    for path in earlier:  # checked for chat tags as any dialog file
+        train_dialogs += load_messages_jsonl(path, on_special_tags=cfg.on_special_tags)
     summary = {"prompts": len(prompts), "k": cfg.k, "temperature": cfg.temperature,
                "mean_reward": float(rc.mean()), "mean_best_reward": float(rc.max(1).values.mean()),
                "median_reward": float(rc.median(1).values.mean()), "curves": curves,

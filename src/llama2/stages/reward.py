@@ -24,6 +24,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from llama2.chat import OnSpecialTags
 from llama2.engine import EpochSampler, TrainConfig, Trainer
 from llama2.engine.trainer import to_device
 from llama2.reward import (
@@ -71,13 +72,18 @@ class RewardConfig:
     eval_data: list[str] = field(default_factory=list)  # held-out comparisons
     val_fraction: float = 0.1  # held out of the training data when eval_data is empty
     max_len: int = 0  # 0: the model's context
+    # A preference record whose dialog or answers carry a chat tag ([INST], [/INST], <<SYS>>,
+    # <</SYS>>): "error" (one line naming file, line and field) or "skip" (counted, summary).
+    on_special_tags: OnSpecialTags = "error"
     evaluate: str = ""  # path of a trained RM: evaluate only
     seed: int = 0
     train: TrainConfig = field(default_factory=rm_train_defaults)
 
 
 # --------------------------------------------------------------------------------- data
-def read_pairs(paths: list[str]) -> list:
+def read_pairs(paths: list[str], on_special_tags: OnSpecialTags = "error") -> list:
+    """Preference pairs from our JSONL or HH-RLHF files; records carrying chat tags raise or,
+    with on_special_tags = "skip", are counted and skipped (world/adapters.py)."""
     from llama2.world.adapters import _open_text, load_hh_rlhf, load_preferences_jsonl
 
     pairs = []
@@ -88,7 +94,8 @@ def read_pairs(paths: list[str]) -> list:
             first = next((line for line in f if line.strip()), "")
         hh = '"chosen"' in first and "Human:" in first and not any(
             f'"{k}"' in first for k in ("dialog", "messages", "conversations", "prompt"))
-        pairs += (load_hh_rlhf if hh else load_preferences_jsonl)(p)
+        pairs += (load_hh_rlhf if hh else load_preferences_jsonl)(
+            p, on_special_tags=on_special_tags)
     return pairs
 
 
@@ -104,8 +111,10 @@ def build_mix(primary: list, secondary: list, share: float, rng: random.Random) 
 
 
 def training_mix(cfg: RewardConfig, rng: random.Random) -> list:
-    helpful, safety = read_pairs(cfg.helpful_data), read_pairs(cfg.safety_data)
-    open_helpful, open_harmless = read_pairs(cfg.open_helpful_data), read_pairs(cfg.open_harmless_data)
+    tags = cfg.on_special_tags
+    helpful, safety = read_pairs(cfg.helpful_data, tags), read_pairs(cfg.safety_data, tags)
+    open_helpful = read_pairs(cfg.open_helpful_data, tags)
+    open_harmless = read_pairs(cfg.open_harmless_data, tags)
     if cfg.kind == "helpfulness":
         share = 0.5 if cfg.secondary_share < 0 else cfg.secondary_share
         primary = helpful or open_helpful
@@ -283,7 +292,7 @@ def train_reward_model(cfg: RewardConfig, eval_pairs: list | None = None) -> dic
     rng.shuffle(pairs)
     if eval_pairs is None:
         if cfg.eval_data:
-            eval_pairs = read_pairs(cfg.eval_data)
+            eval_pairs = read_pairs(cfg.eval_data, cfg.on_special_tags)
         else:
             n_val = int(len(pairs) * cfg.val_fraction)
             eval_pairs, pairs = pairs[:n_val], pairs[n_val:]
@@ -318,7 +327,7 @@ def main(argv: list[str]) -> None:
         from llama2.reward import load_reward_model
 
         rm, tok, meta = load_reward_model(cfg.evaluate)
-        pairs = read_pairs(cfg.eval_data)
+        pairs = read_pairs(cfg.eval_data, cfg.on_special_tags)
         if not pairs:
             raise ValueError("nothing to evaluate: set --eval-data FILE")
         items = [encode_pair(tok, p, cfg.max_len or rm.args.max_seq_len) for p in pairs]

@@ -14,7 +14,7 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama2.chat import Dialog
+from llama2.chat import Dialog, OnSpecialTags
 from llama2.data.sft import collate_rows, encode_examples, pack, sft_loss
 from llama2.engine import EpochSampler, TrainConfig, Trainer
 from llama2.stages.common import load_dialogs, load_policy, parse_stage
@@ -39,6 +39,9 @@ class SFTConfig:
     val_fraction: float = 0.05
     seq_len: int = 256
     learn: str = "all"  # "all" assistant turns, or "last" only
+    # A data-file record whose dialog text carries a chat tag ([INST], [/INST], <<SYS>>,
+    # <</SYS>>): "error" (one line naming file, line and field) or "skip" (counted, summary).
+    on_special_tags: OnSpecialTags = "error"
     train: TrainConfig = field(default_factory=sft_train_defaults)
 
 
@@ -52,7 +55,7 @@ def gather_dialogs(cfg: SFTConfig) -> list[Dialog]:
             n_safety = round(cfg.n_safety * cfg.safety_share)
             dialogs += world.demonstrations(cfg.n_helpful, n_safety, split="train")
         else:
-            dialogs += load_dialogs(source)
+            dialogs += load_dialogs(source, cfg.on_special_tags)
     if not dialogs:
         raise ValueError("no SFT dialogs: check --data")
     return dialogs

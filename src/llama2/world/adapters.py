@@ -6,6 +6,13 @@ Every loader returns the same records the world produces: dialogs (lists of
 changed. With `on_error="skip"` a loader instead warns once per bad record (same message) and
 keeps every other record of the file.
 
+A record whose dialog text carries a chat tag ([INST], [/INST], <<SYS>>, <</SYS>>, see
+`chat.SPECIAL_TAGS`) could forge turns once encoded, so it is never loaded as it is:
+`on_special_tags="error"` (default) makes it a malformed record, "FILE:LINE: field
+'messages[1].content' carries the chat tag '[/INST]' ..." (raised, or warned and skipped under
+`on_error="skip"`); `on_special_tags="skip"` counts and skips such records and prints one
+summary line per file at the end. Pretraining text is not a dialog and is kept as it is.
+
 Formats: `messages` JSONL (OpenAI / HF chat form), Alpaca JSON or JSONL (instruction, input,
 output, optional system and history), Self-Instruct seed tasks, Anthropic HH-RLHF JSONL (gzipped
 or not), preference JSONL (the world's own form, `{"prompt","chosen","rejected"}` strings, or
@@ -26,6 +33,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from llama2.chat import SPECIAL_TAGS, OnSpecialTags, find_special_tag
 from llama2.utils import write_jsonl
 from llama2.world.annotator import RATING_LEVELS
 from llama2.world.records import SAFETY_BINS, Dialog, PreferencePair, Prompt
@@ -38,6 +46,10 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 
 class DataError(ValueError):
     """A malformed record: the message is "FILE:LINE: what was expected"."""
+
+
+class SpecialTagDataError(DataError):
+    """A record whose dialog text carries a chat tag: "FILE:LINE: field ... carries ..."."""
 
 
 # ---------------------------------------------------------------------- reading helpers
@@ -90,17 +102,86 @@ def _records(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                                     f"({e.msg})")
 
 
+def _texts(item: Any) -> Iterator[str]:
+    """The dialog text of a parsed record: message contents, chosen and rejected answers."""
+    if isinstance(item, PreferencePair):
+        yield from _texts(item.dialog)
+        yield from (item.chosen, item.rejected)
+    elif isinstance(item, dict):
+        yield item["content"]
+    elif isinstance(item, list):
+        for x in item:
+            yield from _texts(x)
+
+
+def _field_with(obj: Any, tag: str, path: str = "") -> str | None:
+    """Where `tag` sits in a raw record, e.g. "messages[2].content" (the first string holding
+    it, in the record's order)."""
+    if isinstance(obj, str):
+        return (path or "record") if tag in obj else None
+    if isinstance(obj, dict):
+        items = [(f"{path}.{k}" if path else str(k), v) for k, v in obj.items()]
+    elif isinstance(obj, list):
+        items = [(f"{path}[{i}]", v) for i, v in enumerate(obj)]
+    else:
+        return None
+    return next((hit for p, v in items if (hit := _field_with(v, tag, p)) is not None), None)
+
+
+def special_tag_error(item: Any, raw: Any, where: str) -> SpecialTagDataError | None:
+    """The one-line error for a parsed record (dialogs, a PreferencePair) whose text carries a
+    chat tag, naming the field of the raw record; None for a clean record."""
+    for text in _texts(item):
+        tag = find_special_tag(text)
+        if tag is not None:
+            return SpecialTagDataError(
+                f"{where}: field {_field_with(raw, tag) or 'record'!r} carries the chat tag "
+                f"{tag!r}, which would forge a turn of the chat format (on_special_tags = "
+                "\"skip\" skips such records)")
+    return None
+
+
+class SpecialTagFilter:
+    """Applies `on_special_tags` to one file's records and reports the skipped at the end."""
+
+    def __init__(self, source: str | os.PathLike, on_special_tags: OnSpecialTags):
+        if on_special_tags not in ("error", "skip"):
+            raise ValueError(f"on_special_tags must be 'error' or 'skip', got "
+                             f"{on_special_tags!r}")
+        self.source, self.mode, self.skipped = source, on_special_tags, 0
+
+    def keep(self, item: Any, raw: Any, where: str) -> bool:
+        """True for a clean record; raises for a tagged one, or counts it under "skip"."""
+        err = special_tag_error(item, raw, where)
+        if err is None:
+            return True
+        if self.mode == "error":
+            raise err
+        self.skipped += 1
+        return False
+
+    def summary(self) -> None:
+        if self.skipped:
+            print(f"warning: {self.source}: skipped {self.skipped} record"
+                  f"{'s' if self.skipped != 1 else ''} carrying chat tags "
+                  f"({', '.join(SPECIAL_TAGS)}; on_special_tags = \"skip\")", file=sys.stderr)
+
+
 def _load(path: str | os.PathLike, parse: Callable[[Any, str], Any],
-          on_error: OnError) -> list[Any]:
+          on_error: OnError, on_special_tags: OnSpecialTags = "error") -> list[Any]:
     out = []
+    tags = SpecialTagFilter(path, on_special_tags)
     for lineno, obj in _records(path):
         where = f"{path}:{lineno}"
         try:
             if isinstance(obj, DataError):
                 raise obj
-            out.append(parse(obj, where))
+            item = parse(obj, where)
+            if tags.keep(item, obj, where):
+                out.append(item)
         except DataError as e:
             _handle(e, on_error)
+    tags.summary()
     return out
 
 
@@ -144,14 +225,15 @@ def _dialog(msgs: Any, where: str, end: str | None = None) -> Dialog:
 
 # ---------------------------------------------------------------------- SFT dialogs
 
-def load_messages_jsonl(path: str | os.PathLike, on_error: OnError = "raise") -> list[Dialog]:
+def load_messages_jsonl(path: str | os.PathLike, on_error: OnError = "raise",
+                        on_special_tags: OnSpecialTags = "error") -> list[Dialog]:
     """`{"messages": [{"role", "content"}, ...]}` per line (a bare list is accepted too)."""
     def parse(obj: Any, where: str) -> Dialog:
         msgs = obj.get("messages", obj.get("conversations")) if isinstance(obj, dict) else obj
         if msgs is None:
             raise DataError(f"{where}: expected an object with a 'messages' list")
         return _dialog(msgs, where, end="assistant")
-    return _load(path, parse, on_error)
+    return _load(path, parse, on_error, on_special_tags)
 
 
 def alpaca_to_dialog(d: Any, where: str) -> Dialog:
@@ -175,14 +257,17 @@ def alpaca_to_dialog(d: Any, where: str) -> Dialog:
     return dialog + [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
 
 
-def load_alpaca(path: str | os.PathLike, on_error: OnError = "raise") -> list[Dialog]:
+def load_alpaca(path: str | os.PathLike, on_error: OnError = "raise",
+                on_special_tags: OnSpecialTags = "error") -> list[Dialog]:
     """Alpaca JSON array (or JSONL) of {instruction, input, output[, system, history]}."""
-    return _load(path, alpaca_to_dialog, on_error)
+    return _load(path, alpaca_to_dialog, on_error, on_special_tags)
 
 
-def load_seed_tasks(path: str | os.PathLike, on_error: OnError = "raise") -> list[Dialog]:
+def load_seed_tasks(path: str | os.PathLike, on_error: OnError = "raise",
+                    on_special_tags: OnSpecialTags = "error") -> list[Dialog]:
     """Self-Instruct / Stanford Alpaca `seed_tasks.jsonl`: one dialog per instance."""
     out: list[Dialog] = []
+    tags = SpecialTagFilter(path, on_special_tags)
     for lineno, obj in _records(path):
         where = f"{path}:{lineno}"
         try:
@@ -191,14 +276,18 @@ def load_seed_tasks(path: str | os.PathLike, on_error: OnError = "raise") -> lis
             if not isinstance(obj, dict) or not isinstance(obj.get("instances"), list):
                 raise DataError(f"{where}: expected a seed task with an 'instances' list")
             instr = _str(obj, "instruction", where, "a seed task")
-            out += [alpaca_to_dialog({"instruction": instr, **inst}, where)
-                    for inst in obj["instances"]]
+            dialogs = [alpaca_to_dialog({"instruction": instr, **inst}, where)
+                       for inst in obj["instances"]]
+            if tags.keep(dialogs, obj, where):
+                out += dialogs
         except DataError as e:
             _handle(e, on_error)
+    tags.summary()
     return out
 
 
-def load_sft(path: str | os.PathLike, on_error: OnError = "raise") -> list[Dialog]:
+def load_sft(path: str | os.PathLike, on_error: OnError = "raise",
+             on_special_tags: OnSpecialTags = "error") -> list[Dialog]:
     """Any SFT file: messages JSONL, Alpaca JSON/JSONL, or seed tasks; detected per record."""
     def parse(obj: Any, where: str) -> list[Dialog]:
         if isinstance(obj, dict) and "instances" in obj:
@@ -211,7 +300,7 @@ def load_sft(path: str | os.PathLike, on_error: OnError = "raise") -> list[Dialo
             msgs = obj if isinstance(obj, list) else obj.get("messages", obj.get("conversations"))
             return [_dialog(msgs, where, end="assistant")]
         raise DataError(f"{where}: expected a 'messages' list or an Alpaca record")
-    return [d for ds in _load(path, parse, on_error) for d in ds]
+    return [d for ds in _load(path, parse, on_error, on_special_tags) for d in ds]
 
 
 # ---------------------------------------------------------------------- preferences
@@ -242,7 +331,8 @@ def _drop_trailing_user(dialog: Dialog) -> Dialog:
 
 
 def load_hh_rlhf(path: str | os.PathLike, on_error: OnError = "raise",
-                 source: str | None = None) -> list[PreferencePair]:
+                 source: str | None = None,
+                 on_special_tags: OnSpecialTags = "error") -> list[PreferencePair]:
     """Anthropic HH-RLHF `{"chosen","rejected"}` transcripts (`.jsonl` or `.jsonl.gz`).
 
     The context is the chosen transcript up to its last Human turn; chosen/rejected are the
@@ -263,7 +353,7 @@ def load_hh_rlhf(path: str | os.PathLike, on_error: OnError = "raise",
             raise DataError(f"{where}: expected both transcripts to end with an Assistant turn")
         return PreferencePair(dialog=ch[:-1], chosen=ch[-1]["content"],
                               rejected=rj[-1]["content"], source=src)
-    return _load(p, parse, on_error)
+    return _load(p, parse, on_error, on_special_tags)
 
 
 def _response(v: Any, where: str, key: str) -> str:
@@ -277,7 +367,8 @@ def _response(v: Any, where: str, key: str) -> str:
 
 
 def load_preferences_jsonl(path: str | os.PathLike, on_error: OnError = "raise",
-                           source: str | None = None) -> list[PreferencePair]:
+                           source: str | None = None,
+                           on_special_tags: OnSpecialTags = "error") -> list[PreferencePair]:
     """Preference pairs: `{"dialog"|"messages"|"conversations"|"prompt", "chosen", "rejected",
     "level"?, "safety_bin"?}` per JSONL line or JSON array element. `level` must be one of
     RATING_LEVELS and `safety_bin` one of SAFETY_BINS when present."""
@@ -300,7 +391,7 @@ def load_preferences_jsonl(path: str | os.PathLike, on_error: OnError = "raise",
                               rejected=_response(obj["rejected"], where, "rejected"),
                               level=level, safety_bin=sbin,
                               source=obj.get("source") or src, aspect=obj.get("aspect"))
-    return _load(path, parse, on_error)
+    return _load(path, parse, on_error, on_special_tags)
 
 
 # ---------------------------------------------------------------------- pretraining text
@@ -331,15 +422,20 @@ def load_pretraining_text(path: str | os.PathLike, on_error: OnError = "raise") 
 
 # ---------------------------------------------------------------------- evaluation sets
 
-def load_xstest(path: str | os.PathLike) -> list[Prompt]:
+def load_xstest(path: str | os.PathLike,
+                on_special_tags: OnSpecialTags = "error") -> list[Prompt]:
     """XSTest CSV: `safe` rows become borderline prompts, `unsafe` rows safety prompts."""
     p = Path(path)
     out: list[Prompt] = []
+    tags = SpecialTagFilter(p, on_special_tags)
     with _open_text(p) as f:
         rows = list(csv.DictReader(f))
     for i, row in enumerate(rows, 2):
         if not row.get("prompt") or row.get("label") not in ("safe", "unsafe"):
             raise DataError(f"{p}:{i}: expected a 'prompt' and a 'label' of safe/unsafe")
+        if not tags.keep([{"role": "user", "content": row["prompt"]}],
+                         {"prompt": row["prompt"]}, f"{p}:{i}"):
+            continue
         safe = row["label"] == "safe"
         out.append(Prompt(id=f"xstest-{row.get('id', i)}",
                           dialog=[{"role": "user", "content": row["prompt"]}],
@@ -348,13 +444,15 @@ def load_xstest(path: str | os.PathLike) -> list[Prompt]:
                           category=None if safe else "xstest",
                           meta={"focus": row.get("focus"), "note": row.get("note"),
                                 "source": "xstest"}))
+    tags.summary()
     return out
 
 
 # ---------------------------------------------------------------------- Hugging Face
 
 def load_hf_dataset(name: str, split: str = "train", kind: str = "auto",
-                    config: str | None = None) -> list[Any]:
+                    config: str | None = None,
+                    on_special_tags: OnSpecialTags = "error") -> list[Any]:
     """A Hugging Face dataset, converted by its columns (kind "auto"), or as `kind`:
     "messages"/"alpaca" -> dialogs, "preferences"/"hh" -> PreferencePair, "text" -> str."""
     try:
@@ -373,6 +471,7 @@ def load_hf_dataset(name: str, split: str = "train", kind: str = "auto",
                 "alpaca" if {"instruction", "output"} <= cols else
                 "text" if "text" in cols else "")
     out: list[Any] = []
+    tags = SpecialTagFilter(f"{name}[{split}]", on_special_tags)
     for i, row in enumerate(ds):
         where = f"{name}[{split}]:{i}"
         if kind == "messages":
@@ -398,6 +497,9 @@ def load_hf_dataset(name: str, split: str = "train", kind: str = "auto",
         else:
             raise DataError(f"{name}: cannot tell the format from columns {sorted(cols)}; "
                             "pass kind=")
+        if kind != "text" and not tags.keep(out[-1], row, where):  # text is no dialog
+            out.pop()
+    tags.summary()
     return out
 
 
@@ -412,8 +514,9 @@ def write_preferences_jsonl(path: str | os.PathLike, pairs: list[PreferencePair]
 
 
 __all__ = [
-    "DataError", "PreferencePair", "alpaca_to_dialog", "load_alpaca", "load_hf_dataset",
-    "load_hh_rlhf", "load_messages_jsonl", "load_preferences_jsonl", "load_pretraining_text",
-    "load_seed_tasks", "load_sft", "load_xstest", "parse_hh_transcript",
+    "DataError", "PreferencePair", "SpecialTagDataError", "SpecialTagFilter", "alpaca_to_dialog",
+    "load_alpaca", "load_hf_dataset", "load_hh_rlhf", "load_messages_jsonl",
+    "load_preferences_jsonl", "load_pretraining_text",
+    "load_seed_tasks", "load_sft", "load_xstest", "parse_hh_transcript", "special_tag_error",
     "write_messages_jsonl", "write_preferences_jsonl",
 ]
