@@ -56,6 +56,7 @@ def make_run(root: Path) -> Path:
     ppo.parent.mkdir(parents=True)
     ppo.write_text("\n".join(json.dumps({"iteration": i, "reward": 0.1 * i, "kl": 0.01 * i,
                                          "rs": 0.5, "rh": 0.4 + 0.01 * i, "entropy": 2 - 0.05 * i,
+                                         "proxy_reward": 0.1 * i, "gold_reward": 0.4 + 0.01 * i,
                                          "rollout_s": 1.0}) for i in range(12)) + "\n")
     write(root / "gatt" / "adherence.json",
           {"before": {"language": [1.0, 0.6, 0.3, 0.1], "persona": [1.0, 0.7, 0.4, 0.2]},
@@ -93,7 +94,7 @@ def test_full_run_renders_every_section(full_run):
     assert titles[0].startswith("Reproduction")
     for want in ("Helpfulness", "violation rate", "risk category", "false refusal",
                  "tracking", "TruthfulQA", "BOLD", "ToxiGen", "Perplexity", "Reward models",
-                 "PPO curves", "Ghost Attention", "context distillation", "scaling"):
+                 "PPO curves", "Proxy vs gold", "Ghost Attention", "context distillation", "scaling"):
         assert any(want.lower() in t.lower() for t in titles), want
     page = (full_run / "report.html").read_text()
     srcs = re.findall(r"<img src='([^']+)'", page)
@@ -158,3 +159,21 @@ def test_tracking_assembled_from_version_evals(tmp_path):
     md = (tmp_path / "report.md").read_text()
     table = md[md.index("| version | helpfulness_gold"):]
     assert table.index("| sft |") < table.index("| rlhf_v1 |")
+
+
+def test_proxy_vs_gold_says_when_the_proxy_rises_and_the_gold_falls(tmp_path):
+    """Rejection sampling's best-of-K and PPO's iterations, proxy (RM) and gold (annotator)
+    reward in one plot; a note only where the proxy rises while the gold falls."""
+    write(tmp_path / "rlhf/v1/rejection_sampling/curves.json",
+          {"reward": "rm", "proxy_vs_gold": {"k": [1, 2, 4], "proxy": [0.5, 0.6, 0.7],
+                                             "gold": [0.5, 0.45, 0.4]}})
+    ppo = tmp_path / "rlhf/v2/ppo/ppo_metrics.jsonl"
+    ppo.parent.mkdir(parents=True)
+    ppo.write_text("\n".join(json.dumps({"iteration": i, "reward": 0.5 + i / 100,
+                                         "proxy_reward": 0.5 + i / 100, "gold_reward": 0.4 + i / 50})
+                             for i in range(1, 6)))
+    build_report(tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "Proxy vs gold reward" in md and (tmp_path / "report_plots/proxy_vs_gold.png").is_file()
+    notes = [line for line in md.splitlines() if "over-optimization" in line]
+    assert len(notes) == 1 and "rejection_sampling" in notes[0]

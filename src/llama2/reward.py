@@ -262,3 +262,59 @@ class TwoRewardModels:
         rs = torch.sigmoid(self.safety(dialogs, responses))
         rc = piecewise(rs, rh, torch.tensor(is_safety), self.threshold, self.safety_switch)
         return {"rc": rc, "rs": rs, "rh": rh}
+
+
+# ------------------------------------------------------------- the gold reward (annotators)
+REWARDS = ("rm", "annotator")  # what rejection sampling and PPO optimize
+
+
+class AnnotatorReward:
+    """The world's annotators (label noise off) as a reward, called like `TwoRewardModels`:
+    Rh and Rs are their helpfulness and safety scores in [0, 1], Rc the same piecewise rule.
+
+    This is the gold reward of Gao et al. 2022 ("Scaling laws for reward model
+    overoptimization"): rejection sampling and PPO log it beside the RMs' (proxy) reward, and a
+    gold-reward run (`reward = "annotator"`) optimizes it instead, the ceiling the optimizer
+    reaches with a perfect judge. It judges only world prompts (the annotators read the prompt
+    record's metadata, never the policy)."""
+
+    def __init__(self, prompts: list, threshold: float = SAFETY_THRESHOLD,
+                 safety_switch: bool = True):
+        from llama2.world import Annotator
+
+        self.annotator = Annotator(0, noise=False)
+        self.prompts = {_dialog_key(p.dialog): p for p in prompts if p.meta.get("split")}
+        self.threshold, self.safety_switch = threshold, safety_switch
+
+    def judges(self, dialogs: list[Dialog]) -> bool:
+        return all(_dialog_key(d) in self.prompts for d in dialogs)
+
+    def __call__(self, dialogs: list[Dialog], responses: list[str], is_safety: list[bool]
+                 ) -> dict[str, torch.Tensor]:
+        if not self.judges(dialogs):
+            raise ValueError("the annotators judge only the world's prompts; prompts read from "
+                             "files have no gold reward (use reward = \"rm\")")
+        prompts = [self.prompts[_dialog_key(d)] for d in dialogs]
+        rh = torch.tensor([self.annotator.helpfulness(p, r) for p, r in zip(prompts, responses)])
+        rs = torch.tensor([self.annotator.safety(p, r) for p, r in zip(prompts, responses)])
+        rc = piecewise(rs, rh, torch.tensor(is_safety), self.threshold, self.safety_switch)
+        return {"rc": rc, "rs": rs, "rh": rh}
+
+
+def _dialog_key(dialog: Dialog) -> str:
+    return json.dumps(dialog, sort_keys=True)
+
+
+def proxy_and_gold(kind: str, helpful_rm: str, safety_rm: str, prompts: list,
+                   device: str | torch.device = "cpu", safety_switch: bool = True):
+    """(the reward to optimize, the RMs' proxy reward, the annotators' gold reward or None where
+    a prompt is not the world's) for reward `kind` ("rm" or "annotator")."""
+    if kind not in REWARDS:
+        raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
+    gold = AnnotatorReward(prompts, safety_switch=safety_switch)
+    if not gold.judges([p.dialog for p in prompts]):
+        if kind == "annotator":
+            raise ValueError("reward = \"annotator\" needs world prompts (prompts = [\"world\"])")
+        gold = None
+    proxy = TwoRewardModels(helpful_rm, safety_rm, device=device, safety_switch=safety_switch)
+    return (gold if kind == "annotator" else proxy), proxy, gold

@@ -28,6 +28,9 @@ File contract (paths relative to RUN_DIR; every file is optional):
 - `**/ppo_metrics.jsonl`: one JSON record per PPO iteration, `{"iteration", "reward", "kl",
   "rs", "rh", "entropy", "heldout_reward"?, ...}`; every numeric key is plotted against the
   iteration (timings ending in `_s` are left out).
+- `**/curves.json` with `proxy_vs_gold` (rejection sampling: `{"k", "proxy", "gold"}`, Rc of
+  the best-of-k pick) and `ppo_metrics.jsonl` records with `proxy_reward`, `gold_reward`: the
+  proxy vs gold reward plot, with a note where the proxy rises while the gold falls.
 - `gatt/adherence.json`: `{"before": {instruction_family: [share per turn 1..20]}, "after":
   {...}}` (Table 30).
 - `distill/summary.json`: context distillation as `llama2 distill` writes it, `{"by_kind":
@@ -534,6 +537,63 @@ def sec_ppo(run: Path, plots: Path) -> list[Section]:
     return out
 
 
+def overoptimized(proxy: Sequence[float], gold: Sequence[float], margin: float = 0.01) -> bool:
+    """The proxy reward ends higher than it starts while the gold reward ends lower, each by
+    more than `margin` (Gao et al. 2022's over-optimization)."""
+    return (len(proxy) > 1 and len(gold) > 1 and proxy[-1] > proxy[0] + margin
+            and gold[-1] < gold[0] - margin)
+
+
+def sec_proxy_vs_gold(run: Path, plots: Path) -> Section | None:
+    """The RMs' (proxy) and the annotators' (gold) reward as optimization proceeds: best-of-K in
+    rejection sampling (rlhf/v*/rejection_sampling/curves.json `proxy_vs_gold`) and PPO's
+    iterations (`proxy_reward`, `gold_reward` in ppo_metrics.jsonl)."""
+    series = []  # (label, x label, xs, proxy, gold, optimized reward)
+    for p in sorted(run.rglob("curves.json")):
+        d = _read_json(p) or {}
+        c = d.get("proxy_vs_gold") or {}
+        if c.get("proxy") and c.get("gold"):
+            series.append((f"{p.parent.relative_to(run)}", "samples per prompt K", c["k"],
+                           c["proxy"], c["gold"], d.get("reward", "rm")))
+    for p in sorted(run.rglob("ppo_metrics.jsonl")):
+        recs = [r for r in _read_jsonl(p) if "proxy_reward" in r and "gold_reward" in r]
+        if recs:
+            reward = (_read_json(p.parent / "config.json") or {}).get("reward", "rm")
+            series.append((f"{p.parent.relative_to(run)}", "PPO iteration",
+                           [r["iteration"] for r in recs], [r["proxy_reward"] for r in recs],
+                           [r["gold_reward"] for r in recs], reward))
+    if not series:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 2.8), squeeze=False)
+    rows, notes = [], []
+    for ax, (label, xlabel, xs, proxy, gold, reward) in zip(axes[0], series):
+        ax.plot(xs, proxy, "-o", markersize=2, label="proxy (RMs)")
+        ax.plot(xs, gold, "-s", markersize=2, label="gold (annotators)")
+        ax.set(xlabel=xlabel, title=f"{label}\noptimizing {reward}")
+        ax.title.set_fontsize(8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        over = overoptimized(proxy, gold)
+        rows.append([label, reward, f"{num(proxy[0])} -> {num(proxy[-1])}",
+                     f"{num(gold[0])} -> {num(gold[-1])}", "yes" if over else "no"])
+        if over:
+            notes.append(f"{label}: the proxy reward rises ({num(proxy[0])} -> {num(proxy[-1])}) "
+                         f"while the gold reward falls ({num(gold[0])} -> {num(gold[-1])}): the "
+                         "optimizer climbs a reward model that cannot judge its policy's answers "
+                         "(over-optimization, Gao et al. 2022).")
+    fig.tight_layout()
+    fig.savefig(plots / "proxy_vs_gold.png", dpi=100)
+    plt.close(fig)
+    return Section("Proxy vs gold reward (Gao et al. 2022)",
+                   "Rc under the reward models (proxy) and under the world's annotators (gold, "
+                   "label noise off) of the samples that rejection sampling picks among the "
+                   "first K, and of PPO's rollouts per iteration. A gold-reward run optimizes "
+                   "the annotators (the optimizer's ceiling); the default optimizes the RMs.",
+                   "proxy_vs_gold.png",
+                   [Table(["run", "optimizing", "proxy", "gold", "over-optimized"], rows)], notes)
+
+
 def sec_gatt(run: Path, plots: Path) -> Section | None:
     # RUN_DIR/gatt/adherence.json, else the first adherence.json elsewhere with before/after.
     paths = [run / "gatt" / "adherence.json", *sorted(run.rglob("adherence.json"))]
@@ -740,6 +800,8 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, inline: boo
     add("reward-model evaluation (**/eval.json with accuracy_by_level)",
         lambda: sec_reward_models(run, plots))
     add("PPO curves (**/ppo_metrics.jsonl)", lambda: sec_ppo(run, plots))
+    add("proxy vs gold reward (curves.json proxy_vs_gold, ppo_metrics.jsonl gold_reward)",
+        lambda: sec_proxy_vs_gold(run, plots))
     add("Ghost Attention adherence (gatt/adherence.json)", lambda: sec_gatt(run, plots))
     add("context distillation (distill/summary.json)", lambda: sec_distill(run, plots))
     add("safety data scaling (safety_scaling.json)", lambda: sec_safety_scaling(run, plots))

@@ -30,7 +30,7 @@ from llama2.chat import OnSpecialTags
 from llama2.engine import TrainConfig, make_optimizer
 from llama2.engine.checkpointing import rng_state, set_rng_state
 from llama2.generation import reply
-from llama2.reward import RewardModel, TwoRewardModels, load_reward_model, logit, whiten
+from llama2.reward import RewardModel, load_reward_model, logit, proxy_and_gold, whiten
 from llama2.stages.common import load_policy, parse_stage
 from llama2.stages.rejection_sampling import load_prompts
 from llama2.utils import JsonlLogger, atomic_torch_save, atomic_write_text, seed_everything
@@ -52,6 +52,9 @@ class PPOConfig:
     heldout_prompts: int = 64  # held-out prompts for early stopping and logging
     safety_share: float = 0.25
     borderline_share: float = 0.1
+    # What PPO optimizes: "rm" (the two RMs, the recipe) or "annotator" (the world's annotators,
+    # a gold-reward run). Every iteration logs both (proxy_reward, gold_reward).
+    reward: str = "rm"
     iterations: int = 200  # paper: 200-400 with early stopping
     batch_prompts: int = 512  # paper: 512 prompts per iteration
     minibatch: int = 64  # paper: 64, one gradient step each
@@ -157,12 +160,12 @@ class PPO:
         self.policy, self.tok, self.args = loaded.model, loaded.tokenizer, loaded.args
         self.ref = copy.deepcopy(self.policy).eval().requires_grad_(False)  # pi_0, frozen
         self.value, _, _ = load_reward_model(cfg.helpful_rm, self.policy.output.weight.device)
-        self.rewards = TwoRewardModels(cfg.helpful_rm, cfg.safety_rm,
-                                       device=self.policy.output.weight.device,
-                                       safety_switch=cfg.safety_switch)
         pool = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts + cfg.heldout_prompts,
                             cfg.safety_share, cfg.round, cfg.borderline_share,
                             on_special_tags=cfg.on_special_tags)
+        self.rewards, self.proxy, self.gold = proxy_and_gold(
+            cfg.reward, cfg.helpful_rm, cfg.safety_rm, pool, self.policy.output.weight.device,
+            cfg.safety_switch)
         random.Random(cfg.seed).shuffle(pool)
         self.heldout, self.pool = pool[: cfg.heldout_prompts], pool[cfg.heldout_prompts:]
 
@@ -198,8 +201,7 @@ class PPO:
         old_logp = old_logp.to(device)
         ref_logp = response_logprobs(self.ref, ro)
         old_values = response_values(self.value, ro) * ro.mask
-        scores = self.rewards([p.dialog for p in prompts], texts,
-                              [p.kind == "safety" for p in prompts])
+        scores = self.scores(prompts, texts)
         # R = WHITEN(LOGIT(Rc)) at the last token, minus beta * KL per token (paper §3.2.3).
         score = whiten(logit(scores["rc"])).to(device)
         kl = (old_logp - ref_logp) * ro.mask
@@ -210,9 +212,20 @@ class PPO:
         adv = masked_whiten(adv, ro.mask)
         stats = {"reward": float(scores["rc"].mean()), "rs": float(scores["rs"].mean()),
                  "rh": float(scores["rh"].mean()), "kl": float(kl.sum(1).mean()),
-                 "response_length": float(ro.mask.sum(1).mean())}
+                 "response_length": float(ro.mask.sum(1).mean()),
+                 **{f"{k}_reward": float(v.mean()) for k, v in scores.items() if k in ("proxy", "gold")}}
         return {"ro": ro, "old_logp": old_logp, "old_values": old_values, "adv": adv,
                 "returns": returns, "stats": stats}
+
+    def scores(self, prompts, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The optimized reward's {"rc", "rs", "rh"}, plus "proxy" and "gold": Rc under the RMs
+        and under the annotators (where the prompts are the world's)."""
+        args = ([p.dialog for p in prompts], texts, [p.kind == "safety" for p in prompts])
+        scores = self.rewards(*args)
+        for name, reward in (("proxy", self.proxy), ("gold", self.gold)):
+            if reward is not None:
+                scores[name] = scores["rc"] if reward is self.rewards else reward(*args)["rc"]
+        return scores
 
     # ---------------------------------------------------------------- update
     def update(self, batch: dict) -> dict:
@@ -266,10 +279,10 @@ class PPO:
 
         self.policy.eval()
         _, _, texts, _ = self.respond(self.heldout, 0.0, seed=0)
-        scores = self.rewards([p.dialog for p in self.heldout], texts,
-                              [p.kind == "safety" for p in self.heldout])
+        scores = self.scores(self.heldout, texts)
         ann = Annotator(0, noise=False)
         return {"heldout_reward": float(scores["rc"].mean()),
+                **{f"heldout_{k}": float(v.mean()) for k, v in scores.items() if k in ("proxy", "gold")},
                 "heldout_helpfulness": sum(ann.helpfulness(p, t) for p, t in
                                            zip(self.heldout, texts)) / len(texts),
                 "heldout_violation": sum(ann.is_violation(p, t) for p, t in

@@ -25,7 +25,7 @@ import torch
 
 from llama2.chat import OnSpecialTags
 from llama2.engine import TrainConfig
-from llama2.reward import TwoRewardModels
+from llama2.reward import TwoRewardModels, proxy_and_gold
 from llama2.stages.common import load_policy, parse_stage
 from llama2.stages.preferences import sample_responses
 from llama2.stages.sft import finetune, sft_train_defaults
@@ -48,6 +48,9 @@ class RejectionSamplingConfig:
     safety_share: float = 0.25  # share of safety prompts among the world prompts
     borderline_share: float = 0.1  # benign prompts with sensitive words (false refusals)
     families: list[str] = field(default_factory=list)  # world task families (empty: all)
+    # What ranks the samples: "rm" (the two RMs, the recipe) or "annotator" (the world's
+    # annotators, a gold-reward run: the ceiling with a perfect judge). Both are logged.
+    reward: str = "rm"
     k: int = 8  # samples per prompt
     temperature: float = 1.0
     max_new_tokens: int = 48
@@ -149,6 +152,26 @@ def selection_quality(prompts, texts: list[list[str]], rc: torch.Tensor) -> dict
             "n_helpful_prompts": len(idx)}
 
 
+def rescore(reward, prompts, texts: list[list[str]]) -> torch.Tensor:
+    """Rc [n_prompts, K] of the samples under another reward (proxy or gold)."""
+    flat = [p for p, row in zip(prompts, texts) for _ in row]
+    rc = reward([p.dialog for p in flat], [t for row in texts for t in row],
+                [p.kind == "safety" for p in flat])["rc"]
+    return rc.view(len(prompts), -1)
+
+
+def pick_curves(rank: torch.Tensor, signals: dict[str, torch.Tensor]) -> dict[str, list[float]]:
+    """For k = 1..K, the mean over prompts of each signal [n, K] at the sample that `rank`
+    picks among the first k: the proxy reward and the gold reward of best-of-k (Gao et al.
+    2022); a proxy that rises while the gold falls is over-optimization."""
+    ks = list(range(1, rank.shape[1] + 1))
+    out: dict[str, list[float]] = {"k": ks}
+    for name, values in signals.items():
+        out[name] = [float(values.gather(1, rank[:, :k].argmax(1, keepdim=True)).mean())
+                     for k in ks]
+    return out
+
+
 def max_vs_median(rc: torch.Tensor) -> dict[str, list[float]]:
     """Mean over prompts of the max and the median reward among the first k samples (Fig. 7)."""
     ks = list(range(1, rc.shape[1] + 1))
@@ -187,17 +210,24 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     loaded = load_policy(cfg.model, cfg.train.device)
-    rewards = TwoRewardModels(cfg.helpful_rm, cfg.safety_rm, safety_switch=cfg.safety_switch)
     prompts = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts, cfg.safety_share, cfg.round,
                            cfg.borderline_share, cfg.families)
+    rewards, proxy, gold = proxy_and_gold(cfg.reward, cfg.helpful_rm, cfg.safety_rm, prompts,
+                                          safety_switch=cfg.safety_switch)
     samples_path = out / "samples.jsonl"
+    signals = {"proxy": proxy, **({"gold": gold} if gold is not None else {})}
     if samples_path.is_file():  # resume: sampling is the expensive part
         rows = read_jsonl(samples_path)
         texts = [r["samples"] for r in rows]
-        scores = {k: torch.tensor([r[k] for r in rows]) for k in ("rc", "rs", "rh")}
+        scores = {k: torch.tensor([r[k] for r in rows]) for k in ("rc", "rs", "rh", *signals)
+                  if k in rows[0]}
     else:
         texts, scores = sample_and_score(loaded, rewards, prompts, cfg.k, cfg.temperature,
                                          cfg.max_new_tokens, cfg.seed + 1000 * cfg.round)
+    for name, reward in signals.items():
+        if name not in scores:
+            scores[name] = scores["rc"] if reward is rewards else rescore(reward, prompts, texts)
+    if not samples_path.is_file():
         write_jsonl(samples_path, [{"prompt": p.to_dict(), "samples": t,
                                     **{k: v[i].tolist() for k, v in scores.items()}}
                                    for i, (p, t) in enumerate(zip(prompts, texts))])
@@ -228,8 +258,10 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     for path in earlier:  # checked for chat tags as any dialog file
         train_dialogs += load_messages_jsonl(path, on_special_tags=cfg.on_special_tags)
     summary = {"prompts": len(prompts), "k": cfg.k, "temperature": cfg.temperature,
+               "reward": cfg.reward,
                "mean_reward": float(rc.mean()), "mean_best_reward": float(rc.max(1).values.mean()),
                "median_reward": float(rc.median(1).values.mean()), "curves": curves,
+               "proxy_vs_gold": pick_curves(rc, {k: scores[k] for k in signals}),
                "sweep": sweep, "train_dialogs": len(train_dialogs), "keep": cfg.keep,
                "switch_ablation": switch_ablation(prompts, texts, scores),
                "selection": selection_quality(prompts, texts, rc),

@@ -39,6 +39,9 @@ class RLHFConfig:
     # Held-out comparisons per batch, as a share of the batch's size (paper: 1000 per batch),
     # sampled on eval-split prompts; the RMs are evaluated on them.
     eval_share: float = 0.3
+    # What rejection sampling and PPO optimize: "rm" (the recipe) or "annotator" (a gold-reward
+    # run: the world's annotators, the optimizer's ceiling). Both rewards are always logged.
+    reward: str = "rm"
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     helpful_rm: RewardConfig = field(default_factory=lambda: RewardConfig(kind="helpfulness"))
     safety_rm: RewardConfig = field(default_factory=lambda: RewardConfig(
@@ -87,6 +90,7 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
         rc = copy.deepcopy(cfg.rejection_sampling)
         rc.model, rc.helpful_rm, rc.safety_rm, rc.out = policy, str(rm_h), str(rm_s), str(rs_dir)
         rc.round, rc.previous, rc.world_seed = v, list(previous_best), cfg.world_seed
+        rc.reward = cfg.reward
         rc.train.resume = True
         rejection_sample(rc)
     new_policy = rs_dir / "train" / "model"
@@ -97,7 +101,7 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
         if not stage_done(ppo_dir):
             pc = copy.deepcopy(cfg.ppo)
             pc.model, pc.helpful_rm, pc.safety_rm = str(new_policy), str(rm_h), str(rm_s)
-            pc.out, pc.round, pc.world_seed = str(ppo_dir), v, cfg.world_seed
+            pc.out, pc.round, pc.world_seed, pc.reward = str(ppo_dir), v, cfg.world_seed, cfg.reward
             pc.resume = (ppo_dir / "ppo_state.pt").is_file()
             PPO(pc).run()
         new_policy = ppo_dir / "model"
