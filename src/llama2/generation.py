@@ -61,12 +61,10 @@ class KVCache:
 
 
 def _decode_step(model: Transformer, cache: KVCache, tokens: torch.Tensor,
-                 input_pos: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor
+                 input_pos: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
                  ) -> torch.Tensor:
     """Logits [B, V] of one new token per row: tokens/positions [B, 1] at cache position
-    input_pos [1]; valid [B, S] marks the cache's real (not padding) positions."""
-    keys = torch.arange(cache.max_len, device=tokens.device)
-    mask = (valid & (keys <= input_pos)).view(tokens.shape[0], 1, 1, -1)
+    input_pos [1], attending to the cache positions that mask [B, 1, 1, S] marks."""
     h = model.hidden(tokens, positions=positions, mask=mask, cache=cache, input_pos=input_pos)
     return model.output(h[:, -1])
 
@@ -131,7 +129,7 @@ def greedy(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     `torch.argmax`: on CPU argmax scans a row one element at a time, so find the chunk that holds
     the first maximum with a vectorized `amax` and scan only that chunk."""
     B, V = logits.shape
-    if V % chunk or logits.device.type != "cpu":
+    if V % chunk or V < 64 * chunk or logits.device.type != "cpu":
         return logits.argmax(-1)
     chunks = logits.view(B, V // chunk, chunk)
     best = chunks.amax(-1).argmax(-1)
@@ -274,6 +272,9 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
     positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
     h = model.hidden(tokens, positions=positions, mask=causal_padding_mask(valid, 0, longest),
                      cache=cache, input_pos=torch.arange(longest, device=device))
+    # A step's mask is the cache's real positions (no left padding) up to its own.
+    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril().view(total, 1, 1, 1, -1)
+    valid = valid.view(n, 1, 1, total)
     logits = model.output(h[:, -1])
 
     sampled = bool((temps > 0).any())
@@ -317,7 +318,8 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
         elif done:  # a compiled step keeps its shapes: finished rows stay, unread
             active = [j for j in active if j not in done]
         input_pos = torch.tensor([longest + step], device=device)
-        logits = decoder.step(model, cache, nxt.view(-1, 1), input_pos, pos, valid)
+        logits = decoder.step(model, cache, nxt.view(-1, 1), input_pos, pos,
+                              valid & causal[longest + step])
         pos = pos + 1
     return Generation(out_tokens, out_logprobs, finished)
 

@@ -147,9 +147,11 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask=None, cache: Cache | None = None,
                 input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        # Rotate queries and keys in one call: they share positions (decoding pays per call).
+        qk = apply_rope(torch.cat((q, k), -1).view(B, T, -1, self.head_dim), cos, sin)
+        q, k = qk.split_with_sizes((self.n_heads, self.n_kv_heads), 2)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if slots is not None:  # unpadded tokens [1, T]: attend in the mask's padded layout
             q, k, v = (to_slots(t[0], slots, mask.shape[0], mask.shape[-1]) for t in (q, k, v))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
