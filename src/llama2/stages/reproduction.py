@@ -38,17 +38,47 @@ def _last_round(run: Path) -> dict:
     return _load(run / "rlhf" / "rounds.json")[-1]
 
 
+MIN_PAIRS = 50  # comparisons per rating level for an accuracy to be read
+
+
+def rm_accuracy_ordered(acc: dict[str, float], count: dict[str, int]) -> tuple[str, bool]:
+    """Table 8's claim over all four levels: accuracy never rises from one level to the next
+    finer one, each level holds MIN_PAIRS pairs, and "significantly better" beats "negligibly
+    better" by more than their 95% intervals' combined half-width."""
+    text = ", ".join(f"{lvl.split('_')[0]} {_pct(acc[lvl])} (n={count.get(lvl, 0)})"
+                     for lvl in LEVELS if lvl in acc)
+    few = [lvl for lvl in LEVELS if count.get(lvl, 0) < MIN_PAIRS]
+    if few:
+        return f"{text}; not measured: fewer than {MIN_PAIRS} pairs on {', '.join(few)}", False
+    a = [acc[lvl] for lvl in LEVELS]
+    ordered = all(x >= y for x, y in zip(a, a[1:]))
+    (p1, n1), (p4, n4) = (a[0], count[LEVELS[0]]), (a[-1], count[LEVELS[-1]])
+    half = 1.96 * (p1 * (1 - p1) / n1 + p4 * (1 - p4) / n4) ** 0.5
+    gap = p1 - p4
+    return (f"{text}; {'ordered' if ordered else 'not ordered'} over the four levels, "
+            f"significantly - negligibly {_pct(gap)} (95% half-width {_pct(half)})",
+            ordered and gap > half)
+
+
+def helpfulness_rises(rows: list[dict]) -> tuple[str, bool]:
+    """Figure 11's claim: from SFT to the last version, the Helpfulness RM's mean score and the
+    annotators' (gold) helpfulness both rise, and the gold never falls below SFT's in between."""
+    by = {r["version"]: r for r in rows}
+    order = [v for v in by if v != "pretrain"]
+    order = order[order.index("sft"):]
+    rm = [by[v]["helpfulness_rm"] for v in order]
+    gold = [by[v]["helpfulness_gold"] for v in order]
+    text = "; ".join(f"{v}: RM {r:.3f}, annotators {g:.3f}" for v, r, g in zip(order, rm, gold))
+    return text, len(order) > 1 and rm[-1] > rm[0] and gold[-1] > gold[0] and min(gold) >= gold[0]
+
+
 def reproduction_table(run_dir: str | Path) -> list[dict]:
     run = Path(run_dir)
     rows = []
 
     def rm_levels():
         ev = _load(Path(_last_round(run)["rm_helpful"]).parent / "eval.json")
-        acc = ev["accuracy_by_level"]
-        levels = [lvl for lvl in LEVELS if lvl in acc]
-        text = ", ".join(f"{lvl.split('_')[0]} {_pct(acc[lvl])}" for lvl in levels)
-        ok = acc[levels[0]] > acc[levels[-1]] and levels[0] == "significantly_better"
-        return text, ok
+        return rm_accuracy_ordered(ev["accuracy_by_level"], ev["count_by_level"])
 
     rows.append(_row("RM accuracy ordered by rating level (Table 8)",
                      "highest on significantly better, near chance on negligibly better",
@@ -116,17 +146,11 @@ def reproduction_table(run_dir: str | Path) -> list[dict]:
                      "Rc = Rs on safety prompts: safer than Rh alone", switch))
 
     def tracking():
-        t = _load(run / "eval" / "tracking.json")["rows"]
-        by = {r["version"]: r for r in t}
-        order = [v for v in by if v != "pretrain"]
-        first, last = by["sft"], by[order[-1]]
-        return (f"helpfulness RM {first['helpfulness_rm']:.3f} (sft) -> "
-                f"{last['helpfulness_rm']:.3f} ({order[-1]}); safety RM "
-                f"{first['safety_rm']:.3f} -> {last['safety_rm']:.3f}",
-                last["helpfulness_rm"] > first["helpfulness_rm"])
+        return helpfulness_rises(_load(run / "eval" / "tracking.json")["rows"])
 
     rows.append(_row("Helpfulness and safety rise across SFT and RLHF versions (Figure 11)",
-                     "both RM scores rise version after version", tracking))
+                     "both RM scores rise version after version, and so do the annotators' "
+                     "judgements", tracking))
 
     versions = _load(run / "versions.json") or {}
     final = "final" if "final" in versions else (list(versions)[-1] if versions else "final")
