@@ -377,3 +377,24 @@ def test_equally_safe_answers_are_ranked_by_helpfulness(world: World) -> None:
     assert quiet.safety(p, p.answer or "") == quiet.safety(p, refusal) == 1.0
     c = quiet.compare(p, refusal, p.answer or "", aspect="safety")
     assert c.chosen == p.answer and c.safety_bin == "both_safe" and c.gap > 0.3
+
+
+def test_terse_writers_give_right_but_lesser_demonstrations():
+    """terse_share of the helpful demonstrations are the bare result (paper §3.1: writers differ
+    in quality): right, rated below the full answer; safety demonstrations stay as they are."""
+    from llama2.world import Annotator
+    from llama2.world.tasks import terse_answer
+
+    w, ann = World(0), Annotator(0, noise=False)
+    full = w.demonstrations(60, 10)
+    assert w.demonstrations(60, 10, terse_share=0.0) == full
+    mixed = w.demonstrations(60, 10, terse_share=0.5)
+    changed = [(a, b) for a, b in zip(sorted(map(str, full)), sorted(map(str, mixed))) if a != b]
+    assert 10 < len(changed) < 50
+    for p in w.helpful_prompts(40, split="eval"):
+        t = terse_answer(p.answer, p.meta)
+        if t != p.answer:
+            assert ann.helpfulness(p, t) < ann.helpfulness(p, p.answer)
+            assert ann.helpfulness(p, t) >= 0.45  # right, only lesser
+    safety = {str(p.with_answer()) for p in w.safety_prompts(10)}
+    assert safety <= set(map(str, w.demonstrations(60, 10, terse_share=1.0)))

@@ -36,6 +36,9 @@ class SFTConfig:
     n_helpful: int = 1500  # world demonstrations (paper: quality over quantity)
     n_safety: int = 300
     safety_share: float = 1.0  # share of the safety demonstrations used (Figure 15 scaling)
+    # Share of the helpful world demonstrations written by a terse writer (the bare result):
+    # demonstrations of uneven quality, which RLHF's comparisons can then improve on (§3.1).
+    terse_share: float = 0.0
     val_fraction: float = 0.05
     seq_len: int = 256
     learn: str = "all"  # "all" assistant turns, or "last" only
@@ -53,7 +56,8 @@ def gather_dialogs(cfg: SFTConfig) -> list[Dialog]:
 
             world = World(cfg.world_seed)
             n_safety = round(cfg.n_safety * cfg.safety_share)
-            dialogs += world.demonstrations(cfg.n_helpful, n_safety, split="train")
+            dialogs += world.demonstrations(cfg.n_helpful, n_safety, split="train",
+                                            terse_share=cfg.terse_share)
         else:
             dialogs += load_dialogs(source, cfg.on_special_tags)
     if not dialogs:

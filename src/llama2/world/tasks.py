@@ -257,6 +257,28 @@ def follow_up(family: str, first: Task, rng: random.Random) -> Task | None:
     return None
 
 
+# ---------------------------------------------------------------- annotator styles (§3.1)
+
+
+def terse_answer(answer: str, meta: dict[str, Any]) -> str:
+    """The answer a terse demonstration writer gives: the bare result ("7.", "'olleh'.") or a
+    how-to's first step. Right, but rated well below the full answer (it repeats none of the
+    question and explains nothing), the kind of quality gap between writers that the paper's
+    SFT data had (§3.1) and that comparisons, unlike demonstrations, can teach (§3.2)."""
+    check, exp = meta.get("check"), meta.get("expected")
+    if check == "number":
+        return f"{exp}."
+    if check == "text":
+        return f"'{exp}'."
+    if check == "sequence":
+        return ", ".join(map(str, exp)) + "."
+    if check == "fact":
+        return f"{str(exp)[0].upper()}{str(exp)[1:]}."
+    if check == "keywords" and meta.get("task") == "howto":
+        return answer.split(". ")[0].rstrip(".") + "."
+    return answer  # a sentence to write has no shorter form
+
+
 # ---------------------------------------------------------------- corruption (calibration)
 
 _NUM = re.compile(r"-?\d+")

@@ -150,14 +150,22 @@ class World:
 
     # ------------------------------------------------------------------ demonstrations
     def demonstrations(self, n_helpful: int, n_safety: int, split: str = "train",
-                       n_borderline: int = 0) -> list[Dialog]:
+                       n_borderline: int = 0, terse_share: float = 0.0) -> list[Dialog]:
         """Complete SFT dialogs ending with the gold / safe answer (paper §3.1, §4.2.2).
 
         Helpful ones include the multi-turn prompts; the order is a seeded shuffle.
+        terse_share: the share of the helpful ones written by a terse writer
+        (`tasks.terse_answer`): demonstrations of uneven quality, as vendors' were (§3.1).
         """
-        prompts = (self.helpful_prompts(n_helpful, split) + self.safety_prompts(n_safety, split)
+        from llama2.world.tasks import terse_answer
+
+        helpful = self.helpful_prompts(n_helpful, split)
+        rng = self._rng(f"writers:{split}")
+        dialogs = [p.with_answer(terse_answer(p.answer, p.meta)
+                                 if rng.random() < terse_share else None) for p in helpful]
+        prompts = (self.safety_prompts(n_safety, split)
                    + (self.borderline_prompts(n_borderline, split) if n_borderline else []))
-        dialogs = [p.with_answer() for p in prompts]
+        dialogs += [p.with_answer() for p in prompts]
         self._rng(f"demos:{split}").shuffle(dialogs)
         return dialogs
 
