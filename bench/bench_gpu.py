@@ -5,8 +5,10 @@
 3. fsdp: FSDP2 (`fully_shard`) over a one-rank process group (nccl on CUDA, gloo on CPU)
    trains to the same losses as the unsharded model;
 4. generate: KV-cached generation tokens/s against transformers' `generate`, same weights.
+5. decode: the decode step eager vs compiled (CUDA graphs) at batch 1, for the 15M and a ~1B
+   shape, with the share of memory bandwidth the weights' reads take.
 
-    python bench/bench_gpu.py [--sections parity,train,fsdp,generate] [--preset 15M]
+    python bench/bench_gpu.py [--sections parity,train,fsdp,generate,decode] [--peak-gbs 3350] [--preset 15M]
         [--dim D --n-layers L --n-heads H --seq T] [--batch 32] [--steps 30] [--compile]
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import tempfile
 import time
@@ -159,9 +162,55 @@ def bench_generate(args: ModelArgs, dev: torch.device, new_tokens: int = 64) -> 
               f"{tok / times[1]:,.0f} tokens/s, ratio {times[1] / times[0]:.2f}x")
 
 
+# ~1B parameters: Llama 2's shape at 2048 wide, 22 layers (TinyLlama's size), GQA 32/4.
+PRESET_1B = ModelArgs(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000,
+                      hidden_dim=5632, max_seq_len=2048)
+
+
+def bench_decode(dev: torch.device, new_tokens: int = 128, peak_gbs: float | None = None) -> None:
+    """Eager vs compiled decode step (generation.Decoder; on CUDA mode="reduce-overhead", CUDA
+    graphs) at batch 1, bf16 weights, for the 15M and the ~1B shape: tokens/s and the share of
+    the memory bandwidth that reading every weight once per token takes."""
+    from llama2.generation import Decoder
+
+    if dev.type != "cuda":
+        print("decode: skipped (the CUDA graphs comparison needs a GPU)")
+        return
+    for name, args in (("15M", preset("15M")), ("~1B", PRESET_1B)):
+        torch.manual_seed(0)
+        model = Transformer(args)
+        model.init_weights()
+        model = model.to(dev, torch.bfloat16).eval()
+        nbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        prompt = torch.randint(3, args.vocab_size, (1, 16)).tolist()
+        rates = {}
+        for compiled in (False, True):
+            decoder = Decoder(model, compile=compiled)
+            t0 = time.perf_counter()
+            generate(model, prompt, max_new_tokens=new_tokens, eos_id=None, logprobs=False,
+                     decoder=decoder)  # compiles (once a process)
+            sync(dev)
+            first = time.perf_counter() - t0
+            best = math.inf
+            for _ in range(3):
+                t0 = time.perf_counter()
+                generate(model, prompt, max_new_tokens=new_tokens, eos_id=None, logprobs=False,
+                         decoder=decoder)
+                sync(dev)
+                best = min(best, time.perf_counter() - t0)
+            rates[compiled] = new_tokens / best
+            bw = nbytes * rates[compiled] / 1e9
+            share = f", {100 * bw / peak_gbs:.0f}% of {peak_gbs:.0f} GB/s" if peak_gbs else ""
+            print(f"decode {name} ({nbytes / 1e9:.2f} GB bf16) batch 1, "
+                  f"{'compiled' if compiled else 'eager'}: {rates[compiled]:,.1f} tokens/s "
+                  f"(weights read {bw:,.0f} GB/s{share}); first call {first:.1f} s")
+        print(f"decode {name}: compiled / eager {rates[True] / rates[False]:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sections", default="parity,train,fsdp,generate")
+    ap.add_argument("--sections", default="parity,train,fsdp,generate,decode")
+    ap.add_argument("--peak-gbs", type=float, help="the GPU's memory bandwidth, GB/s (H100 SXM 3350)")
     ap.add_argument("--preset", default="15M")
     ap.add_argument("--dim", type=int)
     ap.add_argument("--n-layers", type=int)
@@ -187,6 +236,8 @@ def main() -> None:
         check_fsdp(dev)
     if "generate" in sections:
         bench_generate(args, dev)
+    if "decode" in sections:
+        bench_decode(dev, peak_gbs=a.peak_gbs)
 
 
 if __name__ == "__main__":

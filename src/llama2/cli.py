@@ -42,6 +42,7 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    program = argv is None  # started as a program, not called from Python
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())
@@ -49,6 +50,10 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"llama2: unknown command {name!r}; known: {', '.join(COMMANDS)}")
+    if program:  # threads for the cores this process gets (affinity, cgroup quota)
+        from llama2 import runtime
+
+        runtime.set_threads()
     module_name = COMMANDS[name][0]
     try:
         module = importlib.import_module(module_name)
