@@ -36,7 +36,8 @@ class Generation:
 
 class KVCache:
     """Keys and values of every layer, [B, n_kv_heads, max_len, head_dim], of fixed shape: a
-    step writes its positions in place and attends over the whole cache through its mask."""
+    step writes its positions in place and attends over the whole cache through its mask, or,
+    eager, over its first `length` positions (those written so far: less work, same result)."""
 
     def __init__(self, model: Transformer, batch_size: int, max_len: int):
         args, w = model.args, model.tok_embeddings.weight
@@ -45,6 +46,7 @@ class KVCache:
         self.k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(args.n_layers)]
         self.v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(args.n_layers)]
         self.max_len = max_len
+        self.length: int | None = None
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,6 +54,8 @@ class KVCache:
         k_all, v_all = self.k[layer], self.v[layer]
         k_all.index_copy_(2, input_pos, k if k.dtype == k_all.dtype else k.to(k_all.dtype))
         v_all.index_copy_(2, input_pos, v if v.dtype == v_all.dtype else v.to(v_all.dtype))
+        if self.length is not None:
+            return k_all[:, :, :self.length], v_all[:, :, :self.length]
         return k_all, v_all
 
     def select(self, rows: torch.Tensor) -> None:
@@ -270,8 +274,10 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
 
     # Prefill: every prompt at once; rotary positions start at 0 after each row's padding.
     positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
-    h = model.hidden(tokens, positions=positions, mask=causal_padding_mask(valid, 0, longest),
-                     cache=cache, input_pos=torch.arange(longest, device=device))
+    cache.length = None if decoder.compiled else longest
+    prefill_mask = causal_padding_mask(valid[:, :cache.length or total], 0, longest)
+    h = model.hidden(tokens, positions=positions, mask=prefill_mask, cache=cache,
+                     input_pos=torch.arange(longest, device=device))
     # A step's mask is the cache's real positions (no left padding) up to its own.
     causal = torch.ones(total, total, dtype=torch.bool, device=device).tril().view(total, 1, 1, 1, -1)
     valid = valid.view(n, 1, 1, total)
@@ -317,9 +323,12 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
             active = list(range(len(rows)))
         elif done:  # a compiled step keeps its shapes: finished rows stay, unread
             active = [j for j in active if j not in done]
-        input_pos = torch.tensor([longest + step], device=device)
-        logits = decoder.step(model, cache, nxt.view(-1, 1), input_pos, pos,
-                              valid & causal[longest + step])
+        t = longest + step
+        mask = valid & causal[t]
+        if not decoder.compiled:  # eager: attend over the positions written so far only
+            cache.length, mask = t + 1, mask[..., :t + 1]
+        logits = decoder.step(model, cache, nxt.view(-1, 1), torch.tensor([t], device=device),
+                              pos, mask)
         pos = pos + 1
     return Generation(out_tokens, out_logprobs, finished)
 
