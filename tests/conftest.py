@@ -34,3 +34,30 @@ def tiny_dataset(root: Path, n_docs: int) -> Path:
     tok = train_tokenizer(docs, root / "tok.model", vocab_size=300)
     prepare(docs, tok, root / "data", val_fraction=0.05, progress=False, workers=1)
     return root / "data"
+
+
+def tiny_policy_and_rms(root: Path) -> dict[str, str]:
+    """An untrained 1-layer policy and Helpfulness/Safety RMs on a world tokenizer, saved
+    under root/{policy,rm_helpful,rm_safety}: the stages' mechanics at the smallest size."""
+    import torch
+
+    from llama2 import checkpoint
+    from llama2.model import ModelArgs, Transformer
+    from llama2.reward import from_policy, save_reward_model
+    from llama2.tokenizer import train_tokenizer
+    from llama2.world import World
+
+    texts = [m["content"] for d in World(0).demonstrations(120, 40) for m in d] + ["[INST] [/INST]"]
+    tok = train_tokenizer(texts, root / "tok.model", vocab_size=400)
+    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
+                     multiple_of=16, max_seq_len=256)
+    torch.manual_seed(0)
+    for name in ("policy", "rm_helpful", "rm_safety"):
+        model = Transformer(args)
+        model.init_weights()
+        if name == "policy":
+            checkpoint.save(model, tok, root / name)
+        else:
+            save_reward_model(from_policy(model), tok, root / name,
+                              "helpfulness" if name == "rm_helpful" else "safety")
+    return {k: str(root / k) for k in ("policy", "rm_helpful", "rm_safety")}

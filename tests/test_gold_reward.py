@@ -8,36 +8,18 @@ import json
 import pytest
 import torch
 
-from llama2 import checkpoint
+from conftest import tiny_policy_and_rms
 from llama2.engine import TrainConfig
-from llama2.model import ModelArgs, Transformer
-from llama2.reward import AnnotatorReward, from_policy, proxy_and_gold, save_reward_model
+from llama2.reward import AnnotatorReward, proxy_and_gold
 from llama2.stages.ppo import PPO, PPOConfig
 from llama2.stages.rejection_sampling import RejectionSamplingConfig
 from llama2.stages.rejection_sampling import run as rejection_sample
-from llama2.tokenizer import train_tokenizer
 from llama2.world import Annotator, World
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A tiny untrained policy and two reward models on a world tokenizer."""
-    d = tmp_path_factory.mktemp("models")
-    w = World(0)
-    texts = [m["content"] for dl in w.demonstrations(120, 40) for m in dl] + ["[INST] [/INST]"]
-    tok = train_tokenizer(texts, d / "tok.model", vocab_size=400)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
-                     multiple_of=16, max_seq_len=256)
-    torch.manual_seed(0)
-    for name in ("policy", "rm_helpful", "rm_safety"):
-        model = Transformer(args)
-        model.init_weights()
-        if name == "policy":
-            checkpoint.save(model, tok, d / name)
-        else:
-            save_reward_model(from_policy(model), tok, d / name,
-                              "helpfulness" if name == "rm_helpful" else "safety")
-    return {k: str(d / k) for k in ("policy", "rm_helpful", "rm_safety")}
+    return tiny_policy_and_rms(tmp_path_factory.mktemp("models"))
 
 
 def test_annotator_reward_is_the_annotators_scores_through_the_piecewise_rule():

@@ -6,14 +6,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
-from llama2 import checkpoint
+from conftest import tiny_policy_and_rms
 from llama2.engine import TrainConfig
-from llama2.model import ModelArgs, Transformer
-from llama2.reward import from_policy, save_reward_model
 from llama2.stages.rejection_sampling import ForgettingConfig, forgetting_study
-from llama2.tokenizer import train_tokenizer
 from llama2.utils import write_jsonl
 from llama2.world import World
 from llama2.world.tasks import FAMILIES
@@ -21,24 +17,12 @@ from llama2.world.tasks import FAMILIES
 
 def test_forgetting_study_trains_latest_and_all_on_one_round_without_the_family(tmp_path):
     w = World(0)
-    texts = [m["content"] for d in w.demonstrations(120, 40) for m in d] + ["[INST] [/INST]"]
-    tok = train_tokenizer(texts, tmp_path / "tok.model", vocab_size=400)
-    args = ModelArgs(dim=32, n_layers=1, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words,
-                     multiple_of=16, max_seq_len=256)
-    torch.manual_seed(0)
-    for name in ("policy", "rm_helpful", "rm_safety"):
-        model = Transformer(args)
-        model.init_weights()
-        if name == "policy":
-            checkpoint.save(model, tok, tmp_path / name)
-        else:
-            save_reward_model(from_policy(model), tok, tmp_path / name,
-                              "helpfulness" if name == "rm_helpful" else "safety")
+    models = tiny_policy_and_rms(tmp_path)
     earlier = [p.with_answer() for p in w.helpful_prompts(5, families=("howto",))]
     write_jsonl(tmp_path / "best_v1.jsonl", [{"messages": d} for d in earlier])
     cfg = ForgettingConfig(
-        model=str(tmp_path / "policy"), helpful_rm=str(tmp_path / "rm_helpful"),
-        safety_rm=str(tmp_path / "rm_safety"), out=str(tmp_path / "study"), round=2,
+        model=models["policy"], helpful_rm=models["rm_helpful"], safety_rm=models["rm_safety"],
+        out=str(tmp_path / "study"), round=2,
         previous=[str(tmp_path / "best_v1.jsonl")], n_prompts=12, k=2, max_new_tokens=4,
         family="howto", n_eval=2, seq_len=128,
         train=TrainConfig(lr=1e-3, max_steps=1, warmup_steps=0, micro_batch_size=4,
