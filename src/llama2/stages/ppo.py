@@ -273,8 +273,9 @@ class PPO:
     # ---------------------------------------------------------------- held-out evaluation
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Greedy answers to held-out prompts: the RM reward (early stopping) and the world's
-        annotator scores, which the policy never optimizes, so reward hacking would show."""
+        """Greedy answers to held-out prompts: the optimized reward (early stopping), the proxy
+        and gold Rc, and the annotators' helpfulness and violations, so that reward hacking of
+        the RMs would show."""
         from llama2.world import Annotator
 
         self.policy.eval()
