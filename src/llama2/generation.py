@@ -275,7 +275,7 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
     # Prefill: every prompt at once; rotary positions start at 0 after each row's padding.
     positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
     cache.length = None if decoder.compiled else longest
-    prefill_mask = causal_padding_mask(valid[:, :cache.length or total], 0, longest)
+    prefill_mask = causal_padding_mask(valid[:, :cache.length or total], longest)
     h = model.hidden(tokens, positions=positions, mask=prefill_mask, cache=cache,
                      input_pos=torch.arange(longest, device=device))
     # A step's mask is the cache's real positions (no left padding) up to its own.
@@ -324,9 +324,10 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
         elif done:  # a compiled step keeps its shapes: finished rows stay, unread
             active = [j for j in active if j not in done]
         t = longest + step
-        mask = valid & causal[t]
-        if not decoder.compiled:  # eager: attend over the positions written so far only
-            cache.length, mask = t + 1, mask[..., :t + 1]
+        if decoder.compiled:
+            mask = valid & causal[t]
+        else:  # eager: attend over the positions written so far only
+            cache.length, mask = t + 1, valid[..., :t + 1] & causal[t, ..., :t + 1]
         logits = decoder.step(model, cache, nxt.view(-1, 1), torch.tensor([t], device=device),
                               pos, mask)
         pos = pos + 1

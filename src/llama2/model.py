@@ -255,16 +255,16 @@ class Transformer(nn.Module):
         return self.output(self.hidden(tokens, **kwargs))
 
 
-def causal_padding_mask(valid: torch.Tensor, start: int = 0, total: int | None = None) -> torch.Tensor:
-    """Boolean attention mask [B, 1, T, S] for queries at start..start+T over keys 0..S.
+def causal_padding_mask(valid: torch.Tensor, queries: int | None = None) -> torch.Tensor:
+    """Boolean attention mask [B, 1, T, S] for queries at positions 0..T (T = `queries`, default
+    S) over keys 0..S.
 
     valid: [B, S] True where the key is a real token (False for left padding). Every query
     also sees itself so that padding rows never attend to nothing (which gives NaN).
     """
     B, S = valid.shape
-    total = total or S
-    T = total - start
-    q = torch.arange(start, total, device=valid.device).view(1, T, 1)
+    T = S if queries is None else queries
+    q = torch.arange(T, device=valid.device).view(1, T, 1)
     k = torch.arange(S, device=valid.device).view(1, 1, S)
     mask = (k <= q) & valid.view(B, 1, S)
     mask = mask | (k == q)
