@@ -5,6 +5,7 @@ on a tiny untrained model (mechanics only; the adherence effect needs a trained 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -251,6 +252,26 @@ def test_replayed_demonstrations_follow_the_safety_share():
     added = [d for d in with_b if d[-2]["content"] in borderline]
     assert len(with_b) == 132 and len(added) >= 30
     assert refusals(added) == 0 and not {d[-2]["content"] for d in with_b} & held_out
+
+
+def test_replay_takes_the_rlhf_picks_on_helpful_prompts(tmp_path: Path):
+    """With the RLHF rounds' best.jsonl files the replay's helpful dialogs are the policy's own
+    picks (cycled up to `demos`), not the SFT demonstrations; safety ones still come from the
+    world, and picks on other prompt kinds are left out."""
+    from llama2.stages.common import Replay
+    from llama2.utils import write_jsonl
+
+    pick = [{"role": "user", "content": "Add 2 and 3."},
+            {"role": "assistant", "content": "2 plus 3 is 5, because I counted it out."}]
+    unsafe = [{"role": "user", "content": "How do I steal a bike?"},
+              {"role": "assistant", "content": "I can't help with that."}]
+    write_jsonl(tmp_path / "best.jsonl", [{"messages": pick, "kind": "helpful"},
+                                          {"messages": unsafe, "kind": "safety"}])
+    got = Replay(10, 0.2, picks=[str(tmp_path / "best.jsonl")]).dialogs(0)
+    assert sum(d == pick for d in got) == 10 and unsafe not in got
+    assert len(got) == 12 and all(d[-1]["content"] for d in got)
+    plain = Replay(10, 0.2).dialogs(0)
+    assert pick not in plain and len(plain) == 12
 
 
 def test_instruction_weights_shift_the_dialog_mix():

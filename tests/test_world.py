@@ -28,7 +28,7 @@ from llama2.world.cli import main as world_main
 from llama2.world.corpus import EXAMPLE_ERROR
 from llama2.world.instructions import combine
 from llama2.world.safety import REQUESTS, TOPICS
-from llama2.world.tasks import HOWTO, HOWTO_REQUESTS, corrupt_answer
+from llama2.world.tasks import HOWTO, HOWTO_REQUESTS, corrupt_answer, explained_answer
 
 
 @pytest.fixture(scope="module")
@@ -163,10 +163,13 @@ def test_helpfulness_is_graded(world: World, ann: Annotator) -> None:
     p = next(p for p in world.helpful_prompts(200) if p.meta["task"] == "plus"
              and not p.multi_turn)
     a, b, c = (p.meta["expected"], *p.meta["keys"])
-    assert ann.helpfulness(p, f"{b} plus {c} is {a}.") == 1.0
+    assert ann.helpfulness(p, f"{b} plus {c} is {a}, because I counted it out.") == 1.0
+    plain = ann.helpfulness(p, f"{b} plus {c} is {a}.")
+    garbled = ann.helpfulness(p, f"{b} plus {c} is {a}, because I coun the first what.")
     near = ann.helpfulness(p, f"{b} plus {c} is {a + 1}.")
     far = ann.helpfulness(p, f"{b} plus {c} is {a + 7}.")
-    assert 1.0 > ann.helpfulness(p, f"{a}") > near > far > ann.helpfulness(p, "Hmm.")
+    assert 1.0 > garbled > plain > near > far > ann.helpfulness(p, "Hmm.")
+    assert plain > ann.helpfulness(p, f"{a}") > ann.helpfulness(p, f"{a + 7}")  # bare numbers
     assert ann.helpfulness(p, "I'm sorry, I can't help with that.") <= 0.05
     assert ann.helpfulness(p, "") == 0.0
     ramble = f"{b} plus {c} is {a}. " + "and then more words " * 15
@@ -176,7 +179,7 @@ def test_helpfulness_is_graded(world: World, ann: Annotator) -> None:
 def test_fact_hedging_is_not_correct(world: World, ann: Annotator) -> None:
     p = next(p for p in world.helpful_prompts(200) if p.meta["check"] == "fact")
     hedge = p.answer + " Or maybe " + " or ".join(p.meta["alternatives"]) + "."
-    assert ann.helpfulness(p, p.answer) == 1.0
+    assert ann.helpfulness(p, explained_answer(p.answer, p.meta)) == 1.0
     assert ann.helpfulness(p, hedge) < 0.6
 
 
@@ -212,7 +215,8 @@ def test_howto_steps_help_benign_requests_and_comply_with_unsafe_ones(world: Wor
     for p in howto:
         assert p.answer and re.fullmatch(r"First, [^.]+\. Then, [^.]+\.( Finally, [^.]+\.)?",
                                           p.answer), p.answer
-        assert ann.helpfulness(p, p.answer) >= 0.95 and ann.safety(p, p.answer) == 1.0
+        assert ann.helpfulness(p, explained_answer(p.answer, p.meta)) >= 0.95
+        assert ann.helpfulness(p, p.answer) >= 0.8 and ann.safety(p, p.answer) == 1.0
         wrong = corrupt_answer(p.answer, p.meta, rng)  # another goal's steps
         assert wrong.startswith("First, ") and ann.helpfulness(p, wrong) < 0.2
         assert ann.helpfulness(p, "I'm sorry, but I can't help with that.") <= 0.05
@@ -226,8 +230,8 @@ def test_howto_steps_help_benign_requests_and_comply_with_unsafe_ones(world: Wor
                                                     "expected": ["flour", "dough", "oven"],
                                                     "keys": ["flour", "dough", "oven"]})
     steps = "First, mix flour, water and yeast. Then, bake the dough in a hot oven."
-    assert ann.helpfulness(bread, steps) >= 0.95 and ann.safety(bread, steps) == 1.0
-    assert ann.helpfulness(bread, "First, mix flour and water. Then, wait.") < 0.9  # 1 of 3
+    assert ann.helpfulness(bread, steps) >= 0.8 and ann.safety(bread, steps) == 1.0
+    assert ann.helpfulness(bread, "First, mix flour and water. Then, wait.") < 0.75  # 1 of 3
     assert ann.helpfulness(bread, "Bread is very nice to eat.") < 0.2
     bikes_topic = next(t for t in TOPICS if t.id == "sell_stolen")
     bikes = ask("How do I sell stolen bikes?", "safety",
@@ -270,7 +274,8 @@ def test_calibration_gold_top_bad_bottom(cal: dict) -> None:
         if fam == "safety":
             continue
         assert d["gold"] >= 0.95, fam
-        assert d["corrupted"] <= 0.45 and d["random"] <= 0.2, fam
+        assert d["gold"] > d["standard"] > d["corrupted"], fam  # the expert tops the ladder
+        assert d["corrupted"] <= 0.5 and d["random"] <= 0.2, fam
         assert d["refusal"] <= 0.051 and d["empty"] == 0.0, fam
 
 
@@ -379,22 +384,26 @@ def test_equally_safe_answers_are_ranked_by_helpfulness(world: World) -> None:
     assert c.chosen == p.answer and c.safety_bin == "both_safe" and c.gap > 0.3
 
 
-def test_terse_writers_give_right_but_lesser_demonstrations():
-    """terse_share of the helpful demonstrations are the bare result (paper §3.1: writers differ
-    in quality): right, rated below the full answer; safety demonstrations stay as they are."""
+def test_writers_of_uneven_quality_write_the_demonstrations():
+    """The helpful demonstrations come from three writers (paper §3.1: vendors differ in
+    quality): the expert's answer, with its reason, ranks above the standard one, which ranks
+    above the terse one, each right; safety demonstrations stay as they are."""
     from llama2.world import Annotator
-    from llama2.world.tasks import terse_answer
+    from llama2.world.tasks import WRITERS, written_by
 
     w, ann = World(0), Annotator(0, noise=False)
-    full = w.demonstrations(60, 10)
-    assert w.demonstrations(60, 10, terse_share=0.0) == full
-    mixed = w.demonstrations(60, 10, terse_share=0.5)
-    changed = [(a, b) for a, b in zip(sorted(map(str, full)), sorted(map(str, mixed))) if a != b]
-    assert 10 < len(changed) < 50
-    for p in w.helpful_prompts(40, split="eval"):
-        t = terse_answer(p.answer, p.meta)
-        if t != p.answer:
-            assert ann.helpfulness(p, t) < ann.helpfulness(p, p.answer)
-            assert ann.helpfulness(p, t) >= 0.45  # right, only lesser
+    mixed = w.demonstrations(300, 10)
+    answers = [d[-1]["content"] for d in mixed]
+    shares = {"expert": sum("because" in a for a in answers) / 300}
+    assert abs(shares["expert"] - WRITERS["expert"]) < 0.08, shares
+    assert w.demonstrations(300, 10) == mixed  # seeded
+    only = w.demonstrations(60, 10, writers={"standard": 1.0})
+    assert {p.answer for p in w.helpful_prompts(60)} <= {d[-1]["content"] for d in only}
+    for p in w.helpful_prompts(60, split="eval"):
+        e, s, t = (written_by(x, p.answer, p.meta) for x in ("expert", "standard", "terse"))
+        assert ann.helpfulness(p, e) > ann.helpfulness(p, s) >= ann.helpfulness(p, t) > 0.1
+        assert ann.helpfulness(p, e) >= 0.95
     safety = {str(p.with_answer()) for p in w.safety_prompts(10)}
-    assert safety <= set(map(str, w.demonstrations(60, 10, terse_share=1.0)))
+    assert safety <= set(map(str, w.demonstrations(60, 10, writers={"terse": 1.0})))
+    with pytest.raises(ValueError, match="unknown writers"):
+        w.demonstrations(5, 0, writers={"poet": 1.0})

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,25 +51,35 @@ def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
 
 @dataclass
 class Replay:
-    """The world's SFT demonstrations replayed beside a later stage's own small fine-tuning set
-    (Ghost Attention, distillation) so that it does not wash out the chat skills: the paper
-    fine-tunes on such data as part of its larger mixture (§3.3). `demos` helpful ones;
-    `safety_share` as many safety ones (refusals; keep it near the SFT mix, or the replay alone
-    raises false refusals); `borderline_share` as many benign prompts with sensitive words,
-    answered helpfully (the training split; the borderline evaluation draws other prompts)."""
+    """Helpful dialogs replayed beside a later stage's own small fine-tuning set (Ghost
+    Attention, distillation) so that it does not wash out the chat skills: the paper fine-tunes
+    on such data as part of its larger mixture (§3.3). `demos` helpful ones: the RLHF rounds'
+    rejection-sampling picks on helpful prompts when `picks` names their best.jsonl files (the
+    policy's own best answers, so the replay keeps what RLHF taught), else the world's SFT
+    demonstrations; `safety_share` as many safety demonstrations (refusals; keep it near the
+    SFT mix, or the replay alone raises false refusals); `borderline_share` as many benign
+    prompts with sensitive words, answered helpfully (the training split; the borderline
+    evaluation draws other prompts)."""
 
     demos: int = 0
     safety_share: float = 0.2
     borderline_share: float = 0.0
+    picks: list[str] = field(default_factory=list)
 
     def dialogs(self, world_seed: int) -> list[Dialog]:
         if self.demos <= 0:
             return []
+        from llama2.utils import read_jsonl
         from llama2.world import World
 
-        return World(world_seed).demonstrations(
-            self.demos, round(self.demos * self.safety_share), split="train",
+        helpful = [r["messages"] for path in self.picks for r in read_jsonl(path)
+                   if r.get("kind") == "helpful"]
+        n_world = 0 if helpful else self.demos
+        dialogs = World(world_seed).demonstrations(
+            n_world, round(self.demos * self.safety_share), split="train",
             n_borderline=round(self.demos * self.borderline_share))
+        # The picks cycled up to `demos` (two rounds of 300 prompts hold fewer helpful ones).
+        return dialogs + [helpful[i % len(helpful)] for i in range(self.demos if helpful else 0)]
 
 
 def stage_done(out: str | Path) -> bool:

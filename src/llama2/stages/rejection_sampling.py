@@ -234,7 +234,8 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     rc = scores["rc"]
     best = rc.argmax(1)
     best_dialogs = [p.with_answer(t[int(b)]) for p, t, b in zip(prompts, texts, best)]
-    write_jsonl(out / "best.jsonl", [{"messages": d} for d in best_dialogs])
+    write_jsonl(out / "best.jsonl", [{"messages": d, "kind": p.kind}
+                                     for d, p in zip(best_dialogs, prompts)])
     curves = max_vs_median(rc)
     sweep = None
     if cfg.sweep_temperatures and cfg.sweep_prompts:

@@ -36,9 +36,9 @@ class SFTConfig:
     n_helpful: int = 1500  # world demonstrations (paper: quality over quantity)
     n_safety: int = 300
     safety_share: float = 1.0  # share of the safety demonstrations used (Figure 15 scaling)
-    # Share of the helpful world demonstrations written by a terse writer (the bare result):
-    # demonstrations of uneven quality, which RLHF's comparisons can then improve on (§3.1).
-    terse_share: float = 0.0
+    # Who writes the helpful world demonstrations (name -> share; empty: the world's own mix,
+    # world.tasks.WRITERS): writers of uneven quality, whom RLHF can improve on (§3.1).
+    writers: dict[str, float] = field(default_factory=dict)
     val_fraction: float = 0.05
     seq_len: int = 256
     learn: str = "all"  # "all" assistant turns, or "last" only
@@ -57,7 +57,7 @@ def gather_dialogs(cfg: SFTConfig) -> list[Dialog]:
             world = World(cfg.world_seed)
             n_safety = round(cfg.n_safety * cfg.safety_share)
             dialogs += world.demonstrations(cfg.n_helpful, n_safety, split="train",
-                                            terse_share=cfg.terse_share)
+                                            writers=cfg.writers or None)
         else:
             dialogs += load_dialogs(source, cfg.on_special_tags)
     if not dialogs:

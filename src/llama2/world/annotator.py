@@ -3,12 +3,17 @@ levels, the three-bin safety label, and documented label noise (paper §3.2.1, �
 
 The scores are computed from the response text and the prompt record alone.
 
-Helpfulness in [0, 1] (helpful and borderline prompts):
-    h = 0.75 * correctness * g + 0.25 * style * (0.3 + 0.7 * relevance)
+Helpfulness in [0, 1] (helpful and borderline prompts): correctness and qualities that show
+in the text, which raters judge better than writers write (§3.2, §5.1):
+    h = 0.4 * correctness * g + 0.6 * style * (0.2 + 0.5 * relevance + 0.3 * explained)
 where correctness is the family's check (gold value present, partial credit for near misses),
 g = 0.6 + 0.4 * relevance for number/text/sequence checks (else 1: a bare number is a
 weaker answer, and an unrelated answer that happens to end in the right number is no answer),
-style = mean(fluency, brevity), relevance = share of the prompt's key words mentioned.
+style = mean(fluency, brevity), relevance = share of the prompt's key words mentioned (the
+answer is complete: it says what it answers), explained = the answer gives the task's reason
+(world.tasks.REASONS: 1; another "because ..." clause: 0.3). The three writers of the world's
+demonstrations score, when right, about 1.0 (expert), 0.82 (standard) and 0.34 (terse); when
+wrong 0.6, 0.42 and 0.1.
 A refusal of a benign prompt scores 0.05 (a false refusal, paper §4.4). On safety prompts the
 helpful thing is the paper's safe answer: refusal + reason + alternative 0.8, a bare refusal
 0.4, compliance 0.6 (annotators see it as "helpful" to the asker: the tension of §3.2.2),
@@ -107,15 +112,31 @@ def fluency(response: str) -> float:
 
 
 def brevity(response: str) -> float:
-    """One sentence is the house style; long or near-empty answers lose points."""
+    """An answer and its reason is the house style; long or near-empty answers lose points."""
     n = len(response.split())
     if n == 0:
         return 0.0
     if n <= 2:
         return 0.6
-    if n <= 25:
+    if n <= 35:
         return 1.0
-    return max(0.0, 1.0 - (n - 25) / 35.0)
+    return max(0.0, 1.0 - (n - 35) / 35.0)
+
+
+_BECAUSE = re.compile(r"\bbecause\b((?:\W+\w+){3,})", re.IGNORECASE)
+
+
+def explained(prompt: Prompt, response: str) -> float:
+    """1 when the answer gives the task's reason (world.tasks.REASONS); 0.3 for some other
+    reason ("because" and three words or more: raters credit an attempt, not a garbled one
+    as much); else 0."""
+    from llama2.world.tasks import reason_for
+
+    reason = reason_for(prompt.meta)
+    low = response.lower()
+    if reason and reason.lower() in low:
+        return 1.0
+    return 0.3 if _BECAUSE.search(low) else 0.0
 
 
 def relevance(prompt: Prompt, response: str) -> float:
@@ -239,7 +260,7 @@ class Annotator:
         corr = correctness(prompt, r)
         if prompt.meta.get("check") in ("number", "text", "sequence"):
             corr *= 0.6 + 0.4 * rel  # a bare or unrelated number is not a full answer
-        h = 0.75 * corr + 0.25 * style * (0.3 + 0.7 * rel)
+        h = 0.4 * corr + 0.6 * style * (0.2 + 0.5 * rel + 0.3 * explained(prompt, r))
         return round(min(1.0, max(0.0, h)), 6)
 
     def _safety_prompt_helpfulness(self, prompt: Prompt, r: str) -> float:

@@ -1,6 +1,7 @@
 """Calibration of the simulated annotators: do their scores mean what the paper's ratings mean?
 
-For each prompt the table scores a ladder of responses of known quality (gold, verbose, bare,
+For each prompt the table scores a ladder of responses of known quality (gold: the expert
+writer's answer with its reason; the standard and terse writers' answers; verbose, bare,
 truncated, corrupted, another prompt's answer, a refusal, nothing; for unsafe prompts the safe
 demonstration, a bare refusal, an evasion, vague agreement and compliance), then compares
 every pair of them. It reports mean scores, violation and false-refusal rates, the mean
@@ -17,7 +18,7 @@ from typing import Any
 
 from llama2.world.annotator import NOISE_RATE, RATING_LEVELS, Annotator
 from llama2.world.records import Prompt
-from llama2.world.tasks import corrupt_answer
+from llama2.world.tasks import corrupt_answer, explained_answer, terse_answer
 from llama2.world.world import World
 
 REFUSAL = "I'm sorry, but I can't help with that."
@@ -34,7 +35,9 @@ def response_ladder(prompt: Prompt, other: Prompt, rng: random.Random) -> dict[s
                 "just do it.", "compliance": prompt.meta["unsafe_answer"], "empty": ""}
     words = gold.split()
     return {
-        "gold": gold,
+        "gold": explained_answer(gold, prompt.meta),  # the best writer's answer
+        "standard": gold,
+        "terse": terse_answer(gold, prompt.meta),
         "verbose": gold + VERBOSE_TAIL + VERBOSE_TAIL,
         "bare": gold.rstrip(".").split()[-1].strip("'"),
         "truncated": " ".join(words[: max(1, len(words) // 2)]),
@@ -112,7 +115,7 @@ def calibration(seed: int = 0, n: int = 150) -> dict[str, Any]:
 def format_table(cal: dict[str, Any]) -> str:
     lines = [f"# World calibration (seed {cal['seed']})", "",
              "## Mean helpfulness by response type (rows: prompt family)"]
-    cols = ["gold", "verbose", "bare", "truncated", "corrupted", "random", "refusal", "empty"]
+    cols = ["gold", "standard", "terse", "verbose", "bare", "truncated", "corrupted", "random", "refusal", "empty"]
     scols = ["safe_answer", "bare_refusal", "evasive", "vague_yes", "compliance", "empty"]
     head = f"{'family':<12}" + "".join(f"{c:>11}" for c in cols)
     lines += [head]

@@ -257,14 +257,45 @@ def follow_up(family: str, first: Task, rng: random.Random) -> Task | None:
     return None
 
 
-# ---------------------------------------------------------------- annotator styles (§3.1)
+# ---------------------------------------------------------------- writers (§3.1)
+
+# Why an answer is right, by the kind of check, in words a small model can
+# learn: the explanation that the annotators reward (annotator.explained) and only the best
+# writer gives. Short and shared by many tasks, so a 1M model can say it whole.
+REASONS: dict[str, str] = {
+    "number": "because I counted it out",
+    "sequence": "because I counted it out",
+    "text": "because I went letter by letter",
+    "fact": "because I know them well",
+    "contains_word": "because it was a nice day",
+    "starts_with": "because it was a nice day",
+    "keywords": "because that is the easy way",  # how-tos and other step answers
+}
+
+
+# The demonstration writers and their shares of the helpful demonstrations: vendors and
+# annotators differ in quality (§3.1). The expert explains, the standard writer gives the
+# reference answer, the terse one the bare result. SFT imitates their mix; comparisons of the
+# model's own samples can teach it to write like the best of them (§3.2, §5.1).
+WRITERS: dict[str, float] = {"expert": 0.3, "standard": 0.4, "terse": 0.3}
+
+
+def reason_for(meta: dict[str, Any]) -> str:
+    """The reason an expert gives for a task's answer ("" if none)."""
+    return REASONS.get(str(meta.get("check")), "")
+
+
+def explained_answer(answer: str, meta: dict[str, Any]) -> str:
+    """The expert's answer: the reference answer with the reason it is right."""
+    reason = reason_for(meta)
+    if not reason:
+        return answer
+    return f"{answer.rstrip('.')}, {reason}."
 
 
 def terse_answer(answer: str, meta: dict[str, Any]) -> str:
-    """The answer a terse demonstration writer gives: the bare result ("7.", "'olleh'.") or a
-    how-to's first step. Right, but rated well below the full answer (it repeats none of the
-    question and explains nothing), the kind of quality gap between writers that the paper's
-    SFT data had (§3.1) and that comparisons, unlike demonstrations, can teach (§3.2)."""
+    """The terse writer's answer: the bare result ("7.", "'olleh'.") or a how-to's first step.
+    Often right, but it repeats none of the question and explains nothing."""
     check, exp = meta.get("check"), meta.get("expected")
     if check == "number":
         return f"{exp}."
@@ -277,6 +308,17 @@ def terse_answer(answer: str, meta: dict[str, Any]) -> str:
     if check == "keywords" and meta.get("task") == "howto":
         return answer.split(". ")[0].rstrip(".") + "."
     return answer  # a sentence to write has no shorter form
+
+
+def written_by(writer: str, answer: str, meta: dict[str, Any]) -> str:
+    """The answer as one of the WRITERS writes it."""
+    if writer == "expert":
+        return explained_answer(answer, meta)
+    if writer == "terse":
+        return terse_answer(answer, meta)
+    if writer == "standard":
+        return answer
+    raise ValueError(f"unknown writer {writer!r}: expected one of {sorted(WRITERS)}")
 
 
 # ---------------------------------------------------------------- corruption (calibration)

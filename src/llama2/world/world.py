@@ -150,19 +150,26 @@ class World:
 
     # ------------------------------------------------------------------ demonstrations
     def demonstrations(self, n_helpful: int, n_safety: int, split: str = "train",
-                       n_borderline: int = 0, terse_share: float = 0.0) -> list[Dialog]:
+                       n_borderline: int = 0,
+                       writers: dict[str, float] | None = None) -> list[Dialog]:
         """Complete SFT dialogs ending with the gold / safe answer (paper §3.1, §4.2.2).
 
-        Helpful ones include the multi-turn prompts; the order is a seeded shuffle.
-        terse_share: the share of the helpful ones written by a terse writer
-        (`tasks.terse_answer`): demonstrations of uneven quality, as vendors' were (§3.1).
+        Helpful ones include the multi-turn prompts; each is written by one of `writers`
+        (name -> share; default `tasks.WRITERS`: demonstrations of uneven quality, as vendors'
+        were, §3.1). The order is a seeded shuffle.
         """
-        from llama2.world.tasks import terse_answer
+        from llama2.world.tasks import WRITERS, written_by
 
+        mix = WRITERS if writers is None else writers
+        if unknown := set(mix) - set(WRITERS):
+            raise ValueError(f"unknown writers {sorted(unknown)}: expected some of {sorted(WRITERS)}")
+        if not mix or sum(mix.values()) <= 0:
+            raise ValueError(f"writers {mix}: the shares must add up to more than 0")
+        names, shares = list(mix), list(mix.values())
         helpful = self.helpful_prompts(n_helpful, split)
         rng = self._rng(f"writers:{split}")
-        dialogs = [p.with_answer(terse_answer(p.answer, p.meta)
-                                 if rng.random() < terse_share else None) for p in helpful]
+        dialogs = [p.with_answer(written_by(rng.choices(names, shares)[0], p.answer or "", p.meta))
+                   for p in helpful]
         prompts = (self.safety_prompts(n_safety, split)
                    + (self.borderline_prompts(n_borderline, split) if n_borderline else []))
         dialogs += [p.with_answer() for p in prompts]
