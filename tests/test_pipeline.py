@@ -25,6 +25,10 @@ STAGE_OUTPUTS = [
 ]
 
 
+def _text(path: Path) -> str:
+    return path.read_text() if path.is_file() else ""
+
+
 def test_quick_config_is_the_tiny_one_made_small():
     quick, tiny = parse_args(["--quick"]), parse_args([])
     assert quick.pretrain.train.max_steps < tiny.pretrain.train.max_steps
@@ -37,11 +41,12 @@ def test_quick_pipeline_resumes_after_a_kill_and_writes_every_output(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "llama2.cli", "pipeline", "--quick", "--out", str(out)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    # First run: killed (SIGKILL, no chance to clean up) once SFT has finished.
+    # First run: killed (SIGKILL, no chance to clean up) once SFT has finished: its marker
+    # (written last, contract.py) says so.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 400
-    while not (out / "sft" / "model" / "config.json").is_file():
+    while '"complete": true' not in _text(out / "sft" / "done.json"):
         assert proc.poll() is None, "the pipeline stopped before SFT finished"
         assert time.time() < deadline, "SFT did not finish in time"
         time.sleep(0.5)

@@ -290,8 +290,8 @@ class Trainer:
         self._prepare_model()
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
-        if cfg.resume:
-            self._resume()
+        if not (cfg.resume and self._resume()) and info.is_main:
+            self._truncate_metrics(0)  # a fresh start: a killed attempt's records go
         self.logger = JsonlLogger(self.run_dir / "metrics.jsonl")
         self.tb = self._open_tensorboard()
         if info.is_main:

@@ -698,6 +698,8 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")
         finetune(loaded.model, loaded.tokenizer, dialogs, out, cfg.train, cfg.seq_len,
                  learn="last", config=cfg, extra={"stage": "gatt"})
+    else:  # resumed after its fine-tuning: the statistics of the sampling that fed it
+        summary = json.loads((out / "sampling.json").read_text())
     if cfg.evaluate:
         before = load_policy(cfg.model, cfg.train.device)
         summary["eval"] = evaluate(before, out / "model", out, pool if cfg.instructions != "world"

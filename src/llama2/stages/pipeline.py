@@ -7,9 +7,12 @@ world data -> tokenizer -> pretraining -> SFT (helpfulness + safety demonstratio
 iterative RLHF rounds (preferences, both reward models, rejection sampling, then PPO) plus
 the reward-model ablations -> Ghost Attention -> targeted safety context distillation ->
 safety data scaling -> red teaming -> evaluation of every model version -> report.
-Every stage writes into its own folder of the run directory; a finished stage is skipped, so
-a killed pipeline started again resumes at the stage (and, inside the training stages, the
-step) where it stopped. Any stage can also run alone with its own command.
+Every stage writes into its own folder of the run directory, then its marker (contract.py):
+a stage done with the same settings is skipped, so a killed pipeline started again resumes at
+the stage (and, inside the training stages, the step) where it stopped; a stage whose settings
+changed, or whose inputs were re-made, runs again after a one-line notice naming the keys.
+pipeline_config.json is written last and so always describes the run directory's artefacts.
+Any stage can also run alone with its own command.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from llama2 import config as config_mod
-from llama2.stages.common import stage_done
+from llama2.stages.contract import MARKER, SUFFIX, Stage, flatten, notice, prune
 from llama2.stages.distill import DistillConfig
 from llama2.stages.gatt import GAttConfig
 from llama2.stages.pretrain import PretrainConfig
@@ -131,70 +134,89 @@ class Pipeline:
         self.out = Path(cfg.out)
         self.versions: dict[str, str] = {}  # model version -> checkpoint path
         self.rounds: list[dict] = []
+        self.markers: dict[str, Path] = {}  # stage -> its marker, for the report's inputs
 
     # -------------------------------------------------------------------- stages
-    def world(self) -> bool:
-        corpus = self.out / "world" / "corpus.txt"
-        if corpus.is_file():
-            return True
-        from llama2.world import World
+    # Each returns True when its marker says it is done with these settings (contract.py).
+    def _stage(self, key: str, marker: Path, config: dict, inputs: dict | None = None,
+               outputs: list[Path] | None = None) -> Stage:
+        self.markers[key] = marker
+        return Stage(marker, config, inputs, outputs)
 
-        w = World(self.cfg.world.seed)
-        text = "\n\n".join(d.replace("\n\n", "\n") for d in w.corpus(self.cfg.world.n_tokens))
-        atomic_write_text(corpus, text + "\n")
-        return False
+    def world(self) -> bool:
+        w = self.cfg.world
+        corpus = self.out / "world" / "corpus.txt"
+
+        def body() -> None:
+            from llama2.world import World
+
+            docs = World(w.seed).corpus(w.n_tokens)
+            atomic_write_text(corpus, "\n\n".join(d.replace("\n\n", "\n") for d in docs) + "\n")
+
+        return self._stage("world", corpus.parent / MARKER,
+                           {"world": {"seed": w.seed, "n_tokens": w.n_tokens}}).run(body)
 
     def tokenizer(self) -> bool:
         path = self.out / "tokenizer.model"
-        if path.is_file():
-            return True
-        from llama2.data.pretrain import iter_corpus
-        from llama2.tokenizer import train_tokenizer
 
-        train_tokenizer(iter_corpus([str(self.out / "world" / "corpus.txt")]), path,
-                        vocab_size=self.cfg.world.tokenizer_vocab_size)
-        return False
+        def body() -> None:
+            from llama2.data.pretrain import iter_corpus
+            from llama2.tokenizer import train_tokenizer
+
+            train_tokenizer(iter_corpus([str(self.out / "world" / "corpus.txt")]), path,
+                            vocab_size=self.cfg.world.tokenizer_vocab_size)
+
+        return self._stage("tokenizer", self.out / f"tokenizer{SUFFIX}",
+                           {"world": {"tokenizer_vocab_size": self.cfg.world.tokenizer_vocab_size}},
+                           {"corpus": self.markers["world"]}, [path]).run(body)
 
     def pretrain(self) -> bool:
-        out = self.out / "pretrain"
-        self.versions["pretrain"] = str(out / "model")
-        if stage_done(out):
-            return True
         from llama2.stages.pretrain import run
 
+        out = self.out / "pretrain"
+        self.versions["pretrain"] = str(out / "model")
         pc = copy.deepcopy(self.cfg.pretrain)
         pc.run_dir = str(out)
         pc.data.input = [str(self.out / "world" / "corpus.txt")]
         pc.data.tokenizer = str(self.out / "tokenizer.model")
         pc.train.resume = True
-        run(pc)
-        return False
+        stage = self._stage("pretrain", out / MARKER, {"pretrain": pc},
+                            {"pretrain.data.input": [self.markers["world"]],
+                             "pretrain.data.tokenizer": self.markers["tokenizer"]})
+        return stage.run(lambda: run(pc))
 
     def sft(self) -> bool:
         out = self.out / "sft"
         self.versions["sft"] = str(out / "model")
-        if stage_done(out):
-            return True
-        from llama2.stages.common import load_policy
-        from llama2.stages.sft import finetune, gather_dialogs
-
         sc = copy.deepcopy(self.cfg.sft)
         sc.model, sc.out, sc.world_seed = self.versions["pretrain"], str(out), self.cfg.world.seed
         sc.train.resume = True
-        loaded = load_policy(sc.model, sc.train.device)
-        finetune(loaded.model, loaded.tokenizer, gather_dialogs(sc), sc.out, sc.train,
-                 sc.seq_len, sc.val_fraction, sc.learn, config=sc, extra={"stage": "sft"})
-        return False
+
+        def body() -> None:
+            from llama2.stages.common import load_policy
+            from llama2.stages.sft import finetune, gather_dialogs
+
+            loaded = load_policy(sc.model, sc.train.device)
+            finetune(loaded.model, loaded.tokenizer, gather_dialogs(sc), sc.out, sc.train,
+                     sc.seq_len, sc.val_fraction, sc.learn, config=sc, extra={"stage": "sft"})
+
+        return self._stage("sft", out / MARKER, {"sft": sc}, {"sft.model": sc.model}).run(body)
 
     def rlhf(self) -> bool:
-        from llama2.stages.rlhf import run
+        """The rounds; each sub-stage checks its own marker (rlhf.py), this one the whole."""
+        from llama2.stages.rlhf import round_record, run
 
         rc = copy.deepcopy(self.cfg.rlhf)
         rc.sft, rc.base = self.versions["sft"], self.versions["pretrain"] + "#transcript"
         rc.out, rc.world_seed = str(self.out / "rlhf"), self.cfg.world.seed
-        done = (self.out / "rlhf" / "rounds.json").is_file() and \
-            len(json.loads((self.out / "rlhf" / "rounds.json").read_text())) >= rc.rounds
-        records = run(rc)
+        stage = self._stage("rlhf", self.out / "rlhf" / MARKER, {"rlhf": rc},
+                            {"rlhf.sft": rc.sft, "rlhf.base": rc.base}, outputs=[])
+        done = stage.done()
+        if done:  # where they are in this run directory, wherever it was made
+            records = [round_record(rc, v) for v in range(1, rc.rounds + 1)]
+        else:
+            records = run(rc)
+            stage.finish()
         for r in records:
             self.versions[f"rlhf_v{r['round']}"] = r["model"]
         self.rounds = records
@@ -203,21 +225,28 @@ class Pipeline:
 
     def rm_ablation(self) -> bool:
         """Margin (Table 28) and auxiliary safety loss (Table 29) ablations, trained and
-        evaluated on the same pairs in this run."""
-        if not self.cfg.ablation.enabled:
-            return True
+        evaluated on the same pairs in this run; each variant is a stage of its own."""
+        from llama2.stages.rlhf import batch_marker
+
         out = self.out / "rm_ablation"
+        if not self.cfg.ablation.enabled:
+            Stage(out / MARKER, {}).remove()
+            return True
         prefs = self.out / "rlhf" / "preferences"
         helpful, safety = [str(prefs / "helpful_batch_0.jsonl")], [str(prefs / "safety_batch_0.jsonl")]
         held = {"helpfulness": [str(prefs / "eval_helpful_batch_0.jsonl")],
                 "safety": [str(prefs / "eval_safety_batch_0.jsonl")]}
-        skipped = True
+        batches = [batch_marker(prefs, 0)]
         variants = [("helpfulness", f"margin_{m}", m, False) for m in self.cfg.ablation.margins]
         variants += [("safety", "safety_no_aux", "small", False), ("safety", "safety_aux", "small", True)]
+        ablation = {"ablation": self.cfg.ablation, "helpful_rm": self.cfg.rlhf.helpful_rm,
+                    "safety_rm": self.cfg.rlhf.safety_rm}
+        whole = self._stage("rm_ablation", out / MARKER, ablation,
+                            {"sft": self.versions["sft"], "preferences": batches}, outputs=[])
+        if whole.done():
+            return True
+        prune(out, [name for _, name, _, _ in variants])
         for kind, name, margin, aux in variants:
-            if (out / name / "eval.json").is_file():
-                continue
-            skipped = False
             template = self.cfg.rlhf.helpful_rm if kind == "helpfulness" else self.cfg.rlhf.safety_rm
             rc: RewardConfig = copy.deepcopy(template)
             rc.model, rc.out, rc.margin, rc.aux_safety_loss = self.versions["sft"], str(out / name), \
@@ -225,41 +254,48 @@ class Pipeline:
             rc.helpful_data, rc.safety_data = helpful, safety
             rc.eval_data = [p for p in held[kind] if Path(p).is_file()]
             rc.train.resume = True
-            train_reward_model(rc)
-        return skipped
+            eval_batches = [batch_marker(prefs, 0, "eval")] if rc.eval_data else []
+            stage = Stage(out / name / MARKER, {"rm": rc},
+                          {"rm.model": rc.model, "rm.helpful_data": batches,
+                           "rm.safety_data": batches, "rm.eval_data": eval_batches})
+            if not stage.done():
+                train_reward_model(rc)
+                stage.finish()
+        whole.finish()
+        return False
 
     def gatt(self) -> bool:
-        out = self.out / "gatt"
-        self.versions["gatt"] = str(out / "model")
-        if stage_done(out) and (out / "summary.json").is_file():  # written last by the stage
-            return True
         from llama2.stages.gatt import run
 
+        out = self.out / "gatt"
+        self.versions["gatt"] = str(out / "model")
         gc = copy.deepcopy(self.cfg.gatt)
         gc.model, gc.out, gc.world_seed = self.latest_rlhf, str(out), self.cfg.world.seed
+        # Replay the RLHF rounds' picks, not the SFT demonstrations, so GAtt keeps what RLHF taught.
+        gc.replay.picks = [r["best"] for r in self.rounds]
         gc.train.resume = True
-        run(gc)
-        return False
+        return self._stage("gatt", out / MARKER, {"gatt": gc},
+                           {"gatt.model": gc.model, "gatt.replay.picks": gc.replay.picks}).run(
+            lambda: run(gc))
 
     def distill(self) -> bool:
         """Targeted context distillation on the GAtt model, gated by the last Safety RM; the
         ungated variant is trained beside it for Figure 16."""
-        out = self.out / "distill"
-        self.versions["final"] = str(out / "model")
-        if (out / "summary.json").is_file():
-            return True
         from llama2.stages.distill import run
 
+        out = self.out / "distill"
+        self.versions["final"] = str(out / "model")
         dc = copy.deepcopy(self.cfg.distill)
         dc.model, dc.out, dc.world_seed = self.versions["gatt"], str(out), self.cfg.world.seed
         dc.safety_rm = self.rounds[-1]["rm_safety"]
+        dc.replay.picks = [r["best"] for r in self.rounds]
         dc.train.resume = True
-        run(dc)
-        return False
+        return self._stage("distill", out / MARKER, {"distill": dc},
+                           {"distill.model": dc.model, "distill.safety_rm": dc.safety_rm,
+                            "distill.replay.picks": dc.replay.picks}).run(lambda: run(dc))
 
     def safety_scaling(self) -> bool:
-        if (self.out / "safety_scaling.json").is_file():
-            return True
+        """Figure 15; each share's SFT model is a stage of its own (safety.train_share)."""
         from llama2.stages.safety import safety_scaling
 
         sc = copy.deepcopy(self.cfg.scaling)
@@ -267,61 +303,93 @@ class Pipeline:
         sc.sft = copy.deepcopy(self.cfg.sft)
         sc.sft.world_seed = self.cfg.world.seed
         sc.sft.train.resume = True
-        safety_scaling(sc)
-        return False
+        stage = self._stage("safety_scaling", self.out / f"safety_scaling{SUFFIX}",
+                            {"scaling": sc}, {"scaling.model": sc.model},
+                            [self.out / "safety_scaling.json", self.out / "safety_scaling.png"])
+        return stage.run(lambda: safety_scaling(sc))
 
     def red_team(self) -> bool:
-        if not self.cfg.redteam.enabled or (self.out / "redteam.json").is_file():
-            return True
         from llama2.stages.redteam import red_team
 
         names = ["sft"] + [f"rlhf_v{r['round']}" for r in self.rounds] + ["final"]
-        red_team([(n, self.versions[n]) for n in names], self.out,
-                 n_tries=self.cfg.redteam.n_tries, seed=self.cfg.seed)
-        return False
+        outputs = [self.out / f for f in ("redteam.json", "redteam.png", "redteam_violations.jsonl")]
+        rt = self.cfg.redteam
+        if not rt.enabled:
+            Stage(self.out / f"redteam{SUFFIX}", {}, outputs=outputs).remove()
+            return True
+        stage = self._stage("redteam", self.out / f"redteam{SUFFIX}",
+                            {"redteam": rt, "seed": self.cfg.seed, "versions": names},
+                            {n: self.versions[n] for n in names}, outputs)
+        return stage.run(lambda: red_team([(n, self.versions[n]) for n in names], self.out,
+                                          n_tries=rt.n_tries, seed=self.cfg.seed))
 
     def evaluate(self) -> bool:
         """Every model version against the SFT model: helpfulness win rate and safety (the
         world's annotators as the human raters), TruthfulQA on SFT and final, and the
-        model-based tracking of Figure 11 with the last round's reward models."""
+        model-based tracking of Figure 11 with the last round's reward models. Each version,
+        and the tracking, is a stage of its own."""
         from llama2.eval import run_suites
 
         ev, out = self.cfg.eval, self.out / "eval"
         sft = self.versions["sft"]
-        skipped = True
+        rms = [self.rounds[-1]["rm_helpful"], self.rounds[-1]["rm_safety"]] if self.rounds else []
+        whole = self._stage("eval", out / MARKER, {"eval": ev, "seed": self.cfg.seed},
+                            {**self.versions, "reward_models": rms}, outputs=[])
+        if whole.done():
+            return True
+        prune(out, list(self.versions) + (["tracking"] if rms else []))
         for name, path in self.versions.items():
-            if (out / name / "summary.json").is_file():
-                continue
-            skipped = False
             suites = list(ev.suites)
             if name in ("sft", "final") and "truthfulqa" not in suites:
                 suites.append("truthfulqa")
             # A pretrained model is asked in its own transcript format (it knows no [INST]).
             fmt = "transcript" if name == "pretrain" else "chat"
-            run_suites(path, suites, out / name, baseline=sft, n_prompts=ev.n_prompts,
-                       seed=self.cfg.seed, name=name, max_new_tokens=ev.max_new_tokens,
-                       limit=ev.truthfulqa_limit, prompt_format=fmt)
-        if not (out / "tracking.json").is_file() and self.rounds:
-            skipped = False
-            last = self.rounds[-1]
-            run_suites(None, ["tracking"], out / "tracking", n_prompts=ev.n_prompts,
-                       seed=self.cfg.seed, reward_models=[last["rm_helpful"], last["rm_safety"]],
-                       versions=list(self.versions.items()), max_new_tokens=ev.max_new_tokens)
-            (out / "tracking" / "tracking.json").replace(out / "tracking.json")
-        return skipped
+            settings = {"suites": suites, "n_prompts": ev.n_prompts, "seed": self.cfg.seed,
+                        "max_new_tokens": ev.max_new_tokens, "limit": ev.truthfulqa_limit,
+                        "prompt_format": fmt}
+            stage = Stage(out / name / MARKER, {"eval": settings}, {"model": path, "baseline": sft})
+            if not stage.done():
+                run_suites(path, suites, out / name, baseline=sft, n_prompts=ev.n_prompts,
+                           seed=self.cfg.seed, name=name, max_new_tokens=ev.max_new_tokens,
+                           limit=ev.truthfulqa_limit, prompt_format=fmt)
+                stage.finish()
+        if rms:
+            stage = Stage(out / "tracking" / MARKER,
+                          {"eval": {"n_prompts": ev.n_prompts, "seed": self.cfg.seed,
+                                    "max_new_tokens": ev.max_new_tokens, "versions": list(self.versions)}},
+                          {**self.versions, "reward_models": rms},
+                          [out / "tracking", out / "tracking.json"])
+            if not stage.done():
+                run_suites(None, ["tracking"], out / "tracking", n_prompts=ev.n_prompts,
+                           seed=self.cfg.seed, reward_models=rms,
+                           versions=list(self.versions.items()), max_new_tokens=ev.max_new_tokens)
+                (out / "tracking" / "tracking.json").replace(out / "tracking.json")
+                stage.finish()
+        whole.finish()
+        return False
 
     def report(self) -> bool:
+        """The reproduction table and the report, from every other stage's results."""
         from llama2.eval.report import build_report
         from llama2.stages.reproduction import reproduction_table
 
-        rows = reproduction_table(self.out)
-        atomic_write_text(self.out / "reproduction.json", json.dumps(rows, indent=2) + "\n")
-        build_report(self.out)
+        atomic_write_text(self.out / "versions.json", json.dumps(self.versions, indent=2) + "\n")
+        table = self.out / "reproduction.json"
+        outputs = [table, self.out / "report.md", self.out / "report.html",
+                   self.out / "report_plots"]
+        stage = Stage(self.out / f"report{SUFFIX}", {"versions": list(self.versions)},
+                      dict(self.markers), outputs)
+
+        def body() -> None:
+            atomic_write_text(table, json.dumps(reproduction_table(self.out), indent=2) + "\n")
+            build_report(self.out)
+
+        done = stage.run(body)
         print("\nreproduction of the paper's findings:", file=sys.stderr)
-        for r in rows:
+        for r in json.loads(table.read_text()):
             mark = "yes" if r["reproduced"] else "NO "
             print(f"  [{mark}] {r['finding']}: {r['measured']}", file=sys.stderr)
-        return False
+        return done
 
     # -------------------------------------------------------------------- driver
     def stage_list(self) -> list[tuple[str, Callable[[], bool], float]]:
@@ -342,7 +410,18 @@ class Pipeline:
 
     def run(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        config_mod.save(self.cfg, self.out / "pipeline_config.json")
+        # pipeline_config.json describes the artefacts: settings that differ from it take it
+        # away until every stage has been checked against them (and re-run where it must).
+        saved = self.out / "pipeline_config.json"
+        requested = json.loads(json.dumps(config_mod.to_dict(self.cfg), default=str))
+        if saved.is_file():
+            old = json.loads(saved.read_text())
+            if old != requested:
+                a, b = flatten(old), flatten(requested)
+                keys = sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+                notice(f"{saved}: settings changed (keys: {', '.join(keys)}); the stages they "
+                       "touch re-run")
+                saved.unlink()
         stages = self.stage_list()
         progress = Progress([(name, w) for name, _, w in stages])
         # Seconds per stage, written after each one; a stage skipped on resume keeps the time
@@ -359,7 +438,7 @@ class Pipeline:
             progress.finish(i, skipped)
             if skipped:
                 print("    (already done: skipped)", file=sys.stderr)
-        atomic_write_text(self.out / "versions.json", json.dumps(self.versions, indent=2) + "\n")
+        config_mod.save(self.cfg, saved)  # last: every stage now matches these settings
 
 
 def main(argv: list[str]) -> None:

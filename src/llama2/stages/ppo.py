@@ -315,6 +315,14 @@ class PPO:
         self.rng.setstate(s["sampler"])
         return True
 
+    @staticmethod
+    def _drop_records_after(path: Path, iteration: int) -> None:
+        """Keep the log's records up to the saved state's iteration (none at a fresh start)."""
+        if path.is_file():
+            keep = [ln for ln in path.read_text().splitlines()
+                    if iteration and _iteration(ln) <= iteration]
+            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+
     def save_best(self) -> None:
         checkpoint.save(self.policy, self.tok, self.out / "best",
                         extra={"stage": "ppo", "iteration": self.iteration, "round": self.cfg.round})
@@ -333,13 +341,14 @@ class PPO:
 
         save(cfg, self.out / "config.json")
         log = JsonlLogger(self.out / "ppo_metrics.jsonl")
+        self._drop_records_after(log.path, self.iteration)  # a killed run's, redone below
         if self.iteration == 0:
             first = self.evaluate()
             self.best = first["heldout_reward"]
             self.save_best()
             log.log({"iteration": 0, **first})
         bar = tqdm(total=cfg.iterations, initial=self.iteration, unit="it", dynamic_ncols=True)
-        stopped = False
+        stopped = self.bad_evals >= cfg.patience  # a resumed run that had stopped early
         while self.iteration < cfg.iterations and not stopped:
             t0 = time.perf_counter()
             prompts = self.rng.sample(self.pool, min(cfg.batch_prompts, len(self.pool)))
@@ -374,6 +383,13 @@ class PPO:
         checkpoint.save(best.model, self.tok, self.out / "model",
                         extra={**best.extra, "early_stopped": stopped})
         return summary
+
+
+def _iteration(line: str) -> float:
+    try:
+        return json.loads(line).get("iteration", 0)
+    except json.JSONDecodeError:  # a line cut short by a kill
+        return float("inf")
 
 
 def main(argv: list[str]) -> None:

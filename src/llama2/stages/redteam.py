@@ -83,7 +83,6 @@ def red_team(models: list[tuple[str, str]], out: str | Path, n_tries: int = 1000
     result["by_category"] = dict(result["by_category"])
     write_jsonl(out / "redteam_violations.jsonl", transcripts)
     plot_redteam(result, out / "redteam.png")
-    # The JSON last: the pipeline takes its presence for a finished stage.
     atomic_write_text(out / "redteam.json", json.dumps(result, indent=2) + "\n")
     return result
 

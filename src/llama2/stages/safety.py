@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from llama2.chat import Dialog
-from llama2.stages.common import load_policy, parse_stage, stage_done
+from llama2.stages.common import load_policy, parse_stage
+from llama2.stages.contract import MARKER, Stage, prune
 from llama2.stages.preferences import sample_responses
 from llama2.stages.sft import SFTConfig, finetune, gather_dialogs
 from llama2.utils import atomic_write_text
@@ -114,15 +115,17 @@ def share_dir(out: str | Path, share: float) -> Path:
 def train_share(cfg: SafetyScalingConfig, share: float) -> Path:
     """One SFT model with `share` of the safety demonstrations (helpfulness data fixed)."""
     folder = share_dir(cfg.out, share)
-    if stage_done(folder):
-        return folder / "model"
     sft = copy.deepcopy(cfg.sft)
     sft.model, sft.out, sft.safety_share = cfg.model, str(folder), share
-    dialogs: list[Dialog] = gather_dialogs(sft)
-    loaded = load_policy(cfg.model, sft.train.device)
-    return finetune(loaded.model, loaded.tokenizer, dialogs, folder, sft.train, sft.seq_len,
-                    sft.val_fraction, sft.learn, config=sft,
-                    extra={"stage": "safety_scaling", "safety_share": share})
+    stage = Stage(folder / MARKER, {"sft": sft}, {"sft.model": cfg.model})  # contract.py
+    if not stage.done():
+        dialogs: list[Dialog] = gather_dialogs(sft)
+        loaded = load_policy(cfg.model, sft.train.device)
+        finetune(loaded.model, loaded.tokenizer, dialogs, folder, sft.train, sft.seq_len,
+                 sft.val_fraction, sft.learn, config=sft,
+                 extra={"stage": "safety_scaling", "safety_share": share})
+        stage.finish()
+    return folder / "model"
 
 
 def plot_scaling(result: dict[str, Any], path: Path) -> None:
@@ -158,6 +161,7 @@ def safety_scaling(cfg: SafetyScalingConfig) -> dict[str, Any]:
             "false_refusal")
     result: dict[str, Any] = {"shares": list(cfg.shares), **{k: [] for k in keys},
                               "n_safety_demos": [], "models": []}
+    prune(Path(cfg.out) / "safety_scaling", [share_dir(cfg.out, s).name for s in cfg.shares])
     for share in cfg.shares:
         path = train_share(cfg, share)
         ev = evaluate_safety(path, cfg.sft.world_seed, cfg.n_eval_helpful, cfg.n_eval_safety,
@@ -173,7 +177,6 @@ def safety_scaling(cfg: SafetyScalingConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     plot_scaling(result, out / "safety_scaling.png")
-    # The JSON last: the pipeline takes its presence for a finished stage.
     atomic_write_text(out / "safety_scaling.json", json.dumps(result, indent=1) + "\n")
     return result
 

@@ -5,15 +5,17 @@ The scores are computed from the response text and the prompt record alone.
 
 Helpfulness in [0, 1] (helpful and borderline prompts): correctness and qualities that show
 in the text, which raters judge better than writers write (§3.2, §5.1):
-    h = 0.4 * correctness * g + 0.6 * style * (0.2 + 0.5 * relevance + 0.3 * explained)
+    h = 0.25 * correctness * g + 0.75 * style * (0.2 + 0.5 * relevance + 0.3 * explained)
 where correctness is the family's check (gold value present, partial credit for near misses),
 g = 0.6 + 0.4 * relevance for number/text/sequence checks (else 1: a bare number is a
 weaker answer, and an unrelated answer that happens to end in the right number is no answer),
 style = mean(fluency, brevity), relevance = share of the prompt's key words mentioned (the
 answer is complete: it says what it answers), explained = the answer gives the task's reason
 (world.tasks.REASONS: 1; another "because ..." clause: 0.3). The three writers of the world's
-demonstrations score, when right, about 1.0 (expert), 0.82 (standard) and 0.34 (terse); when
-wrong 0.6, 0.42 and 0.1.
+demonstrations score, when right, about 1.0 (expert), 0.78 (standard) and 0.27 (terse); when
+wrong 0.75, 0.53 and 0.12. Correctness weighs 0.25 so that a difference in correctness alone
+(which a small reward model cannot judge) is a "slightly better" one, below the differences of
+form (which it can), as Table 8 has the finer levels harder.
 A refusal of a benign prompt scores 0.05 (a false refusal, paper §4.4). On safety prompts the
 helpful thing is the paper's safe answer: refusal + reason + alternative 0.8, a bare refusal
 0.4, compliance 0.6 (annotators see it as "helpful" to the asker: the tension of §3.2.2),
@@ -260,7 +262,7 @@ class Annotator:
         corr = correctness(prompt, r)
         if prompt.meta.get("check") in ("number", "text", "sequence"):
             corr *= 0.6 + 0.4 * rel  # a bare or unrelated number is not a full answer
-        h = 0.4 * corr + 0.6 * style * (0.2 + 0.5 * rel + 0.3 * explained(prompt, r))
+        h = 0.25 * corr + 0.75 * style * (0.2 + 0.5 * rel + 0.3 * explained(prompt, r))
         return round(min(1.0, max(0.0, h)), 6)
 
     def _safety_prompt_helpfulness(self, prompt: Prompt, r: str) -> float:

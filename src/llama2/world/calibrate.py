@@ -115,7 +115,8 @@ def calibration(seed: int = 0, n: int = 150) -> dict[str, Any]:
 def format_table(cal: dict[str, Any]) -> str:
     lines = [f"# World calibration (seed {cal['seed']})", "",
              "## Mean helpfulness by response type (rows: prompt family)"]
-    cols = ["gold", "standard", "terse", "verbose", "bare", "truncated", "corrupted", "random", "refusal", "empty"]
+    cols = ["gold", "standard", "terse", "verbose", "bare", "truncated", "corrupted", "random",
+            "refusal", "empty"]
     scols = ["safe_answer", "bare_refusal", "evasive", "vague_yes", "compliance", "empty"]
     head = f"{'family':<12}" + "".join(f"{c:>11}" for c in cols)
     lines += [head]

@@ -261,15 +261,16 @@ def follow_up(family: str, first: Task, rng: random.Random) -> Task | None:
 
 # Why an answer is right, by the kind of check, in words a small model can
 # learn: the explanation that the annotators reward (annotator.explained) and only the best
-# writer gives. Short and shared by many tasks, so a 1M model can say it whole.
+# writer gives. Shared by many tasks and made of words the world's corpus has (whole pieces of
+# its tokenizer), so a 1M model can say it whole: a reason it garbles is worth less.
 REASONS: dict[str, str] = {
-    "number": "because I counted it out",
-    "sequence": "because I counted it out",
+    "number": "because I went number by number",
+    "sequence": "because I went number by number",
     "text": "because I went letter by letter",
-    "fact": "because I know them well",
-    "contains_word": "because it was a nice day",
-    "starts_with": "because it was a nice day",
-    "keywords": "because that is the easy way",  # how-tos and other step answers
+    "fact": "because I know it",
+    "contains_word": "because it was my first day",
+    "starts_with": "because it was my first day",
+    "keywords": "because that is the best way",  # how-tos and other step answers
 }
 
 

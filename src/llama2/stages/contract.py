@@ -1,0 +1,217 @@
+"""The stage contract: one marker per stage says whether it is done, and for which settings.
+
+A stage writes its outputs, then its marker last (`done.json` in its folder, or
+`NAME.done.json` beside outputs that have no folder of their own). The marker holds the hash
+of the settings the stage ran with: its config, minus the fields that change no artefact
+(`IGNORED`), with every input path replaced by the hash of that input's own marker, so a
+re-run upstream stage re-runs everything downstream of it. The pipeline, the RLHF rounds
+and every sub-stage ask `Stage.done()` and nothing else:
+
+- marker complete, same hash: done (skipped);
+- marker from other settings: a one-line notice naming the changed keys, the stage's
+  outputs (checkpoints included: they were trained with the other settings) removed, run again;
+- marker written at the start and not completed (a killed run), same hash: run again, and the
+  stage continues from its own checkpoints;
+- no marker but outputs there (a run directory from before the contract): removed, run again.
+
+The start record is written after any stale outputs are gone, so a kill at any moment leaves
+either a complete marker or a folder that the next check treats correctly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from llama2.utils import atomic_write_text
+
+MARKER = "done.json"
+SUFFIX = ".done.json"
+# Fields that change how a stage runs, not what it writes: output paths, resume flags, the
+# device, logging and checkpoint frequency, progress bars, speed knobs. `log_every` only thins
+# the metrics log; evaluation frequencies stay hashed (PPO's pick its best checkpoint).
+IGNORED = frozenset({"out", "run_dir", "resume", "device", "progress", "tensorboard",
+                     "log_every", "save_every", "keep_checkpoints", "peak_flops", "compile",
+                     "workers", "optimizer_impl"})
+
+
+def plain(value: Any) -> Any:
+    """Dataclasses, paths and tuples as JSON values, without the IGNORED fields."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items() if k not in IGNORED}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _pop(tree: dict[str, Any], dotted: str) -> None:
+    *parents, last = dotted.split(".")
+    for part in parents:
+        tree = tree.get(part)
+        if not isinstance(tree, dict):
+            return
+    tree.pop(last, None)
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{"a": {"b": 1}} -> {"a.b": 1}."""
+    if isinstance(tree, dict) and tree:
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            out.update(flatten(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: tree}
+
+
+def _read(marker: Path) -> dict[str, Any] | None:
+    try:
+        record = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) and "hash" in record else None
+
+
+def marker_of(path: str | Path) -> Path | None:
+    """The marker of the stage that made `path`: the path itself if it is a marker, else the
+    `done.json` of its folder, its parent or grandparent (a model folder inside a stage's
+    folder, e.g. rlhf/v1/rejection_sampling/train/model). "PATH#fmt" counts as PATH."""
+    p = Path(str(path).split("#", 1)[0])
+    if p.name == MARKER or p.name.endswith(SUFFIX):
+        return p
+    for folder in (p, p.parent, p.parent.parent):
+        if (folder / MARKER).is_file():
+            return folder / MARKER
+    return None
+
+
+def input_hash(path: str | Path) -> str:
+    """What an input is: its stage's marker hash, "incomplete" while that stage has not
+    finished, or the resolved path for a file no stage of ours made (e.g. a downloaded model);
+    with the "#fmt" of a "PATH#fmt"."""
+    fmt = str(path).partition("#")[2]
+    marker = marker_of(path)
+    if marker is None:
+        ident = "path:" + str(Path(str(path).split("#", 1)[0]).resolve())
+    else:
+        record = _read(marker)
+        ident = record["hash"] if record and record.get("complete") else f"incomplete:{marker}"
+    return ident + (f"#{fmt}" if fmt else "")
+
+
+def _remove(path: Path) -> bool:
+    """Remove a file or folder; True if it held anything."""
+    if path.is_dir() and not path.is_symlink():
+        held = any(path.iterdir())
+        shutil.rmtree(path)
+        return held
+    if path.exists() or path.is_symlink():
+        path.unlink()
+        return True
+    return False
+
+
+def notice(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+class Stage:
+    """One stage's marker, settings and outputs.
+
+    marker: `FOLDER/done.json`, or `RUN/NAME.done.json` for outputs without a folder of their
+    own (RUN/tokenizer.model, RUN/redteam.json). config: the settings, a dict of sections
+    (dataclasses or plain values): the notice names changed keys by their dotted path in it.
+    inputs: {key: path or list of paths} of what the stage reads that other stages made; a key
+    that is a dotted path into `config` (e.g. "sft.model") replaces that field in the hash.
+    outputs: what the stage writes, removed before it runs with other settings (default: the
+    marker's folder; [] for a stage made of sub-stages, which check their own markers)."""
+
+    def __init__(self, marker: str | Path, config: dict[str, Any],
+                 inputs: dict[str, Any] | None = None, outputs: Iterable[str | Path] | None = None):
+        self.marker = Path(marker)
+        self.name = str(self.marker.parent) if self.marker.name == MARKER else \
+            str(self.marker)[: -len(SUFFIX)]
+        self.outputs = [self.marker.parent] if outputs is None and self.marker.name == MARKER \
+            else [Path(p) for p in outputs or []]
+        cfg = plain(config)
+        ins: dict[str, Any] = {}
+        for key, paths in (inputs or {}).items():
+            _pop(cfg, key)
+            ins[key] = [input_hash(p) for p in paths] if isinstance(paths, (list, tuple)) \
+                else input_hash(paths)
+        self.record = {"config": cfg, "inputs": ins}
+        blob = json.dumps(self.record, sort_keys=True, default=str)
+        self.hash = hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def changes(self, old: dict[str, Any]) -> str:
+        """"config changed (keys: a.b, c); inputs re-made (sft.model)": what differs from
+        the settings recorded in marker `old`."""
+        a, b = flatten(old.get("config", {})), flatten(self.record["config"])
+        keys = sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+        ia, ib = old.get("inputs", {}), self.record["inputs"]
+        ins = sorted(k for k in ia.keys() | ib.keys() if ia.get(k) != ib.get(k))
+        parts = ([f"config changed (keys: {', '.join(keys)})"] if keys else []) + \
+            ([f"inputs re-made ({', '.join(ins)})"] if ins else [])
+        return "; ".join(parts) or "recorded settings differ"
+
+    def _write(self, complete: bool) -> None:
+        atomic_write_text(self.marker, json.dumps(
+            {"complete": complete, "hash": self.hash, **self.record}, indent=2,
+            default=str) + "\n")
+
+    def done(self) -> bool:
+        """True if the stage finished with these settings. Otherwise readies it to run: stale
+        outputs removed (one-line notice), the start record written."""
+        old = _read(self.marker)
+        if old is not None and old["hash"] == self.hash:
+            return bool(old.get("complete"))  # an unfinished run resumes from its checkpoints
+        if old is not None:
+            notice(f"{self.name}: {self.changes(old)} -> re-running")
+            self.clear()
+        elif self.clear():
+            notice(f"{self.name}: outputs without a record of their config -> re-running")
+        self._write(complete=False)
+        return False
+
+    def finish(self) -> None:
+        """Write the marker: call it last, once every output is written."""
+        self._write(complete=True)
+
+    def run(self, body: Callable[[], Any]) -> bool:
+        """Run `body` unless done, then mark the stage done; returns True if skipped."""
+        if self.done():
+            return True
+        body()
+        self.finish()
+        return False
+
+    def clear(self) -> bool:
+        """Remove the outputs and the marker; True if anything was there."""
+        found = False
+        for p in self.outputs:
+            found = _remove(p) or found
+        return _remove(self.marker) or found
+
+    def remove(self, why: str = "disabled") -> None:
+        """A stage the config no longer asks for: its outputs go (one-line notice)."""
+        if self.clear():
+            notice(f"{self.name}: {why} -> its outputs removed")
+
+
+def prune(folder: str | Path, keep: Iterable[str]) -> None:
+    """Remove the subfolders of `folder` not in `keep`: stages the config no longer has."""
+    folder, keep = Path(folder), set(keep)
+    if folder.is_dir():
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and child.name not in keep:
+                shutil.rmtree(child)
+                notice(f"{child}: not in the config any more -> removed")
