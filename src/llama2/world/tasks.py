@@ -259,10 +259,9 @@ def follow_up(family: str, first: Task, rng: random.Random) -> Task | None:
 
 # ---------------------------------------------------------------- writers (§3.1)
 
-# Why an answer is right, by the kind of check, in words a small model can
-# learn: the explanation that the annotators reward (annotator.explained) and only the best
-# writer gives. Shared by many tasks and made of words the world's corpus has (whole pieces of
-# its tokenizer), so a 1M model can say it whole: a reason it garbles is worth less.
+# Why an answer is right, by the kind of check: the explanation that the annotators reward
+# (annotator.explained) and only the best writer gives. Shared by many tasks and made of words
+# the world's corpus has (whole pieces of its tokenizer), so a 1M model can say it whole.
 REASONS: dict[str, str] = {
     "number": "because I went number by number",
     "sequence": "because I went number by number",
