@@ -73,6 +73,12 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: tree}
 
 
+def changed_keys(old: Any, new: Any) -> list[str]:
+    """The dotted keys whose values differ between two settings trees."""
+    a, b = flatten(old), flatten(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+
+
 def _read(marker: Path) -> dict[str, Any] | None:
     try:
         record = json.loads(marker.read_text())
@@ -155,8 +161,7 @@ class Stage:
     def changes(self, old: dict[str, Any]) -> str:
         """"config changed (keys: a.b, c); inputs re-made (sft.model)": what differs from
         the settings recorded in marker `old`."""
-        a, b = flatten(old.get("config", {})), flatten(self.record["config"])
-        keys = sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+        keys = changed_keys(old.get("config", {}), self.record["config"])
         ia, ib = old.get("inputs", {}), self.record["inputs"]
         ins = sorted(k for k in ia.keys() | ib.keys() if ia.get(k) != ib.get(k))
         parts = ([f"config changed (keys: {', '.join(keys)})"] if keys else []) + \

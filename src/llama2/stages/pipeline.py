@@ -27,7 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 from llama2 import config as config_mod
-from llama2.stages.contract import MARKER, SUFFIX, Stage, flatten, notice, prune
+from llama2.stages.contract import MARKER, SUFFIX, Stage, changed_keys, notice, prune
 from llama2.stages.distill import DistillConfig
 from llama2.stages.gatt import GAttConfig
 from llama2.stages.pretrain import PretrainConfig
@@ -359,12 +359,14 @@ class Pipeline:
                                     "max_new_tokens": ev.max_new_tokens, "versions": list(self.versions)}},
                           {**self.versions, "reward_models": rms},
                           [out / "tracking", out / "tracking.json"])
-            if not stage.done():
+
+            def tracking() -> None:
                 run_suites(None, ["tracking"], out / "tracking", n_prompts=ev.n_prompts,
                            seed=self.cfg.seed, reward_models=rms,
                            versions=list(self.versions.items()), max_new_tokens=ev.max_new_tokens)
                 (out / "tracking" / "tracking.json").replace(out / "tracking.json")
-                stage.finish()
+
+            stage.run(tracking)
         whole.finish()
         return False
 
@@ -417,8 +419,7 @@ class Pipeline:
         if saved.is_file():
             old = json.loads(saved.read_text())
             if old != requested:
-                a, b = flatten(old), flatten(requested)
-                keys = sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+                keys = changed_keys(old, requested)
                 notice(f"{saved}: settings changed (keys: {', '.join(keys)}); the stages they "
                        "touch re-run")
                 saved.unlink()

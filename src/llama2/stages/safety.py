@@ -117,14 +117,15 @@ def train_share(cfg: SafetyScalingConfig, share: float) -> Path:
     folder = share_dir(cfg.out, share)
     sft = copy.deepcopy(cfg.sft)
     sft.model, sft.out, sft.safety_share = cfg.model, str(folder), share
-    stage = Stage(folder / MARKER, {"sft": sft}, {"sft.model": cfg.model})  # contract.py
-    if not stage.done():
+
+    def train() -> None:
         dialogs: list[Dialog] = gather_dialogs(sft)
         loaded = load_policy(cfg.model, sft.train.device)
         finetune(loaded.model, loaded.tokenizer, dialogs, folder, sft.train, sft.seq_len,
                  sft.val_fraction, sft.learn, config=sft,
                  extra={"stage": "safety_scaling", "safety_share": share})
-        stage.finish()
+
+    Stage(folder / MARKER, {"sft": sft}, {"sft.model": cfg.model}).run(train)  # contract.py
     return folder / "model"
 
 
