@@ -96,7 +96,7 @@ class Ours:
             raise ValueError(f"only {len(self.ppo.pool)} prompts in the pool")
 
     def run(self, batches: list[list]) -> dict:
-        import llama2.generation as gen_mod  # PPO's rollouts go through generation.reply
+        import llama2.respond as gen_mod  # PPO's rollouts: respond() calls generate() there
 
         gen_times: list[float] = []
         lengths: list[int] = []

@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from llama2.eval.run_layout import RunLayout
 from llama2.stages.pipeline import PipelineConfig
 
 
@@ -79,7 +80,7 @@ def main(argv: list[str]) -> None:
                *pipeline_args(s, run_dir, args.dtype, args.quick, extra)]
         print(f"seed {s}: {' '.join(cmd[1:4])} --out {run_dir} ...", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
-        runs[f"seed {s}"] = json.loads((run_dir / "reproduction.json").read_text())
+        runs[f"seed {s}"] = RunLayout(run_dir).reproduction()
     summary, md = table(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps({"dtype": args.dtype, "quick": args.quick,

@@ -315,7 +315,7 @@ def test_rejection_sampling_prompt_files(tmp_path):
 
 
 def test_gatt_instruction_files(tmp_path):
-    from llama2.stages.gatt import load_instructions
+    from llama2.world.instructions import load_instructions
 
     path = tmp_path / "inst.json"
     path.write_text(json.dumps([{"verbose": "Answer as a pirate.", "terse": "pirate"},
@@ -396,10 +396,10 @@ def test_server_chat_replies_stop_at_a_tag(http):
 
     server = http.app.state.server
     chat = ChatRequest(messages=[{"role": "user", "content": "hi"}], stop=["\n\n"])
-    (job,) = server.make_jobs(chat, [[1, 2]], [[]], None)
-    assert job.stop == ["\n\n", *SPECIAL_TAGS]
-    (job,) = server.make_jobs(CompletionRequest(prompt="x"), [[1, 2]], [[]], None)
-    assert job.stop == []
+    (job,) = server.make_jobs(chat, [[1, 2]], None)
+    assert job.stop == ["\n\n", *SPECIAL_TAGS] and job.format == "chat"
+    (job,) = server.make_jobs(CompletionRequest(prompt="x"), [[1, 2]], None)
+    assert job.stop == [] and job.format == "text"
 
 
 def test_terminal_chat_refuses_in_one_line_and_keeps_the_session(loaded):

@@ -14,10 +14,13 @@ from llama2 import checkpoint
 from llama2.chat import B_INST, E_INST, encode_prompt
 from llama2.data.sft import collate_rows, encode_examples, pack
 from llama2.engine import IGNORE_INDEX, TrainConfig
+from llama2.eval import attention_probe, multiturn
 from llama2.model import ModelArgs, Transformer
 from llama2.stages import gatt
+from llama2.stages.common import load_policy
 from llama2.tokenizer import train_tokenizer
 from llama2.world import World, instruction_by_name
+from llama2.world.instructions import NEUTRAL_SYSTEM, load_instructions
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +82,7 @@ def test_gatt_training_dialog_learns_only_the_last_turn(tiny):
 @pytest.fixture
 def policy_and_pool(tiny):
     """The tiny policy loaded and the world's instruction pool."""
-    return gatt.load_policy(str(tiny[1]), "cpu"), gatt.load_instructions("world")
+    return load_policy(str(tiny[1]), "cpu"), load_instructions("world")
 
 
 def test_sampling_keeps_checked_samples_and_falls_back(policy_and_pool):
@@ -118,17 +121,17 @@ def test_neutral_system_messages_keep_the_policy_answers(policy_and_pool, monkey
     plans = gatt.plan_dialogs(cfg, pool)
     neutral = [p for p in plans if p.instruction.family == "neutral"]
     assert 8 <= len(neutral) <= 32  # about half
-    assert {p.instruction for p in neutral} <= set(gatt.NEUTRAL_SYSTEM)
+    assert {p.instruction for p in neutral} <= set(NEUTRAL_SYSTEM)
     records, _ = gatt.sample_gatt_dialogs(loaded, neutral, cfg)
     for r in records:  # any finished answer is kept as it is (nothing to apply)
         assert all(a.strip() for a in r["answers"]) and r["inst"] in {
-            x for n in gatt.NEUTRAL_SYSTEM for x in (n.verbose, n.terse)}
+            x for n in NEUTRAL_SYSTEM for x in (n.verbose, n.terse)}
     assert gatt.plan_dialogs(gatt.GAttConfig(n_dialogs=40, neutral_share=0.0), pool)[0] \
         .instruction.family != "neutral"
     # The marker rate: answers under a neutral system message that obey some instruction.
-    monkeypatch.setattr(gatt, "respond", lambda loaded, d, *a, **k: [
+    monkeypatch.setattr(multiturn, "respond", lambda model, tok, d, *a, **k: [
         "Arr matey! It is 7." if i % 4 == 0 else "It is 7." for i in range(len(d))])
-    assert gatt.marker_rate(loaded, pool, n_tasks=10) == pytest.approx(0.25)
+    assert multiturn.marker_rate(loaded, pool, n_tasks=10) == pytest.approx(0.25)
 
 
 def test_fit_context_keeps_the_system_message(tiny):
@@ -138,7 +141,7 @@ def test_fit_context_keeps_the_system_message(tiny):
         d += [{"role": "user", "content": f"What is {i} plus 1?"},
               {"role": "assistant", "content": f"{i} plus 1 is {i + 1}."}]
     d.append({"role": "user", "content": "Add 6 and 3."})
-    fitted = gatt.fit_context(tok, d, 120)
+    fitted = multiturn.fit_context(tok, d, 120)
     assert fitted[0] == d[0] and fitted[-1] == d[-1] and len(fitted) < len(d)
     assert len(encode_prompt(tok, fitted)) <= 120
     assert len(encode_prompt(tok, fitted[:1] + fitted[3:])) <= len(encode_prompt(tok, fitted))
@@ -146,12 +149,12 @@ def test_fit_context_keeps_the_system_message(tiny):
 
 def test_attention_weights_reproduce_the_model(tiny):
     tok, path = tiny
-    loaded = gatt.load_policy(str(path), "cpu")
+    loaded = load_policy(str(path), "cpu")
     model = loaded.model
     inst = instruction_by_name("hobby_chess")
-    dialog = gatt.figure10_dialog(inst, tok, 200)
+    dialog = attention_probe.figure10_dialog(inst, tok, 200)
     ids = tok.encode("[INST] hello there [/INST] Hi.", bos=True)
-    weights = gatt.attention_weights(model, ids)
+    weights = attention_probe.attention_weights(model, ids)
     assert len(weights) == model.args.n_layers
     w0 = weights[0]
     assert torch.allclose(w0.sum(-1), torch.ones_like(w0.sum(-1)), atol=1e-5)
@@ -168,7 +171,7 @@ def test_attention_weights_reproduce_the_model(tiny):
         v = v.repeat_interleave(att.n_heads // att.n_kv_heads, dim=1)
         mine = att.wo((w0.unsqueeze(0) @ v).transpose(1, 2).reshape(1, T, -1))
     assert torch.allclose(ref, mine, atol=1e-5)
-    res = gatt.attention_to_system(loaded, dialog)
+    res = attention_probe.attention_to_system(loaded, dialog)
     s, e = res["system_tokens"]
     assert 0 < s < e < res["n_tokens"]
     assert inst.verbose.split()[0] in "".join(res["tokens"][s:e]).replace("▁", " ")
@@ -183,14 +186,14 @@ def test_instruction_file(tmp_path):
          "check": r"\b(arr|matey)\b", "prefix": "Arr!"},
         {"verbose": "Be nice."},
         instruction_by_name("format_caps").to_dict()]))
-    pirate, nice, caps = gatt.load_instructions(str(f))
+    pirate, nice, caps = load_instructions(str(f))
     assert pirate.check("ARR, the sea.") and not pirate.check("The sea.")
     assert pirate.check(pirate.apply("The sea."))
     assert nice.check("anything") and nice.terse == "Be nice." and nice.family == "custom"
     assert caps.check("HELLO") and not caps.check("Hello")
     f.write_text(json.dumps([{"verbose": "x", "check": "("}]))
     with pytest.raises(ValueError, match="regex"):
-        gatt.load_instructions(str(f))
+        load_instructions(str(f))
 
 
 def test_gatt_stage_end_to_end(tiny, tmp_path):
@@ -275,7 +278,7 @@ def test_replay_takes_the_rlhf_picks_on_helpful_prompts(tmp_path: Path):
 
 
 def test_instruction_weights_shift_the_dialog_mix():
-    pool = gatt.load_instructions("world")
+    pool = load_instructions("world")
 
     def share(weights: dict[str, float]) -> float:
         cfg = gatt.GAttConfig(n_dialogs=700, combo_share=0.0, instruction_weights=weights)

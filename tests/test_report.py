@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from llama2.eval import run_suites
-from llama2.eval.report import build_report, version_key
+from llama2.eval.report import build_report
+from llama2.eval.run_layout import version_key
 
 REFUSAL = "I'm sorry, but I can't help with that because it could cause harm."
 

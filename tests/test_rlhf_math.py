@@ -1,13 +1,27 @@
-"""The PPO reward and advantage math (recipe §6), checked by hand-worked examples."""
+"""The RLHF math (llama2.rlhf_math: recipe §4, §6), checked by hand-worked examples."""
 
 from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
-from llama2.reward import logit, piecewise, whiten
-from llama2.stages.ppo import Rollout, build_rollout, gae, response_logprobs
+from llama2.rlhf_math import (
+    MARGINS,
+    SAFETY_THRESHOLD,
+    auxiliary_safety_loss,
+    gae,
+    kl_penalized_rewards,
+    logit,
+    margin_ranking_loss,
+    normalized_reward,
+    piecewise,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from llama2.stages.ppo import Rollout, build_rollout, response_logprobs
 from llama2.stages.rejection_sampling import max_vs_median, selection_quality
 
 
@@ -50,6 +64,125 @@ def test_gae_matches_hand_computation():
     assert torch.allclose(adv2[:, :3], adv) and adv2[0, 3] == 0
 
 
+def test_piecewise_threshold_is_strict_and_on_probabilities():
+    # Recipe §6: Rs < 0.15 (strictly) switches to the safety score; 0.15 itself keeps Rh.
+    assert SAFETY_THRESHOLD == 0.15
+    just_below = torch.nextafter(torch.tensor(0.15), torch.tensor(0.0))
+    rs = torch.stack([torch.tensor(0.15), just_below, torch.tensor(0.0), torch.tensor(1.0)])
+    rh = torch.full((4,), 0.7)
+    untagged = torch.zeros(4, dtype=torch.bool)
+    assert torch.equal(piecewise(rs, rh, untagged), torch.stack([rh[0], rs[1], rs[2], rh[3]]))
+    # A safety-tagged prompt takes Rs whatever Rh is, even when Rs is high.
+    assert torch.equal(piecewise(rs, rh, ~untagged), rs)
+    assert torch.equal(piecewise(rs, rh, untagged, threshold=0.5),
+                       torch.stack([rs[0], rs[1], rs[2], rh[3]]))
+
+
+def test_whiten_zero_mean_unit_variance_under_a_mask():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, generator=g) * 3 + 5
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [1, 0, 0, 0, 0, 0],
+                         [1, 1, 1, 1, 1, 0]], dtype=torch.float)
+    w = whiten(x, mask)
+    valid = w[mask.bool()]
+    assert abs(float(valid.mean())) < 1e-5
+    assert abs(float(valid.var(unbiased=False)) - 1) < 1e-4
+    assert torch.all(w[~mask.bool()] == 0)
+    # What lies under the padding changes nothing.
+    assert torch.allclose(whiten(x + 100 * (1 - mask), mask), w)
+    # Without a mask it is the same statistic over every entry.
+    assert torch.allclose(whiten(x), whiten(x, torch.ones_like(x)), atol=1e-6)
+    assert torch.equal(whiten(torch.tensor([3.0])), torch.tensor([0.0]))
+
+
+def test_normalized_reward_is_whitened_logit():
+    rc = torch.tensor([0.1, 0.5, 0.9, 0.99])
+    z = torch.log(rc / (1 - rc))
+    want = (z - z.mean()) / z.std(unbiased=False)
+    assert torch.allclose(normalized_reward(rc), want, atol=1e-5)
+
+
+def test_kl_penalized_rewards_charge_each_token_and_add_the_score_at_the_last():
+    logp = torch.tensor([[-1.0, -2.0, -0.5], [-0.3, -9.0, -9.0]])
+    ref = torch.tensor([[-1.5, -1.0, -0.5], [-0.1, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 1], [1, 0, 0]])
+    score = torch.tensor([2.0, -1.0])
+    rewards, kl = kl_penalized_rewards(score, logp, ref, mask, beta=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, -1.0, 0.0], [-0.2, 0.0, 0.0]]))
+    want = torch.tensor([[-0.05, 0.1, 2.0], [0.02 - 1.0, 0.0, 0.0]])
+    assert torch.allclose(rewards, want)
+
+
+def _gae_by_hand(r, v, mask, gamma, lam):
+    """The recursion written out per sequence with plain floats."""
+    out = []
+    for rr, vv, mm in zip(r.tolist(), v.tolist(), mask.tolist()):
+        n = int(sum(mm))
+        a, row = 0.0, [0.0] * len(rr)
+        for t in reversed(range(n)):
+            next_v = vv[t + 1] if t + 1 < n else 0.0
+            a = rr[t] + gamma * next_v - vv[t] + gamma * lam * a
+            row[t] = a
+        out.append(row)
+    return torch.tensor(out)
+
+
+def test_gae_matches_the_unrolled_recursion_on_a_padded_batch():
+    g = torch.Generator().manual_seed(1)
+    r, v = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    lengths = [7, 4, 1, 6, 2]
+    mask = torch.tensor([[1.0] * n + [0.0] * (7 - n) for n in lengths])
+    for gamma, lam in ((1.0, 0.95), (0.9, 0.5), (0.99, 1.0)):
+        adv, ret = gae(r, v, mask, gamma, lam)
+        want = _gae_by_hand(r, v, mask, gamma, lam)
+        assert torch.allclose(adv, want, atol=1e-5), (gamma, lam)
+        assert torch.allclose(ret, (want + v) * mask, atol=1e-5)
+
+
+def test_clipped_policy_loss_by_hand():
+    # ratio = exp(logp - old): 1.5, 0.5, 1.1, and a padded token.
+    old = torch.zeros(1, 4)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 7.0]]))
+    adv = torch.tensor([[1.0, -2.0, 3.0, 100.0]])
+    mask = torch.tensor([[1.0, 1, 1, 0]])
+    loss, ratio = policy_loss(logp, old, adv, mask, clip=0.2)
+    assert torch.allclose(ratio[0, :3], torch.tensor([1.5, 0.5, 1.1]))
+    # Positive advantage: the gain stops at 1 + clip; negative: the ratio counts at most at
+    # 1 - clip (the pessimistic side); inside the range: -A * ratio.
+    want = (-1.0 * 1.2 + 2.0 * 0.8 + -3.0 * 1.1) / 3
+    assert abs(float(loss) - want) < 1e-6
+    # The clipped side carries no gradient.
+    lp = logp.clone().requires_grad_(True)
+    policy_loss(lp, old, adv, mask, 0.2)[0].backward()
+    assert lp.grad[0, 0] == 0 and lp.grad[0, 1] == 0 and lp.grad[0, 2] != 0
+    assert lp.grad[0, 3] == 0
+
+
+def test_clipped_value_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0, 0.0]])
+    v = torch.tensor([[1.0, 0.1, 5.0]])
+    ret = torch.tensor([[2.0, 0.0, 0.0]])
+    mask = torch.tensor([[1.0, 1, 0]])
+    loss = value_loss(v, old, ret, mask, clip=0.2)
+    # token 0: max((1-2)^2, (0.2-2)^2) = 3.24; token 1: max(0.01, 0.01) = 0.01.
+    assert abs(float(loss) - 0.5 * (3.24 + 0.01) / 2) < 1e-6
+
+
+def test_margin_ranking_loss_and_the_auxiliary_safety_loss():
+    assert MARGINS["small"]["slightly_better"] == pytest.approx(1 / 3)
+    chosen, rejected = torch.tensor([2.0, 0.0]), torch.tensor([1.0, 0.0])
+    margin = torch.tensor([1.0, 0.0])
+    # At r_c - r_r = m the loss is log 2 per pair, whatever the scores.
+    assert float(margin_ranking_loss(chosen, rejected, margin)) == pytest.approx(math.log(2))
+    want = (math.log1p(math.exp(-1.0)) + math.log(2)) / 2
+    assert float(margin_ranking_loss(chosen, rejected, torch.zeros(2))) == pytest.approx(want)
+    scores, safe = torch.tensor([3.0, -1.0, 8.0]), torch.tensor([1.0, 0.0, -1.0])
+    aux = auxiliary_safety_loss(scores, safe)
+    want = (math.log1p(math.exp(-3.0)) + math.log1p(math.exp(-1.0))) / 2  # the third: unknown
+    assert float(aux) == pytest.approx(want, rel=1e-6)
+    assert auxiliary_safety_loss(scores, -torch.ones(3)) is None
+
+
 def test_kl_per_token_against_reference():
     from llama2.model import ModelArgs, Transformer
 
@@ -66,8 +199,9 @@ def test_kl_per_token_against_reference():
     with torch.no_grad():
         full = torch.log_softmax(pi(torch.tensor([[1, 5, 6, 8, 9, 2]])), -1)[0]
     assert abs(float(lp[0, 1]) - float(full[3, 9])) < 1e-5
-    kl = (lp - lr) * ro.mask
+    _, kl = kl_penalized_rewards(torch.zeros(2), lp, lr, ro.mask, beta=0.1)
     assert kl[1, 1:].abs().sum() == 0  # padding carries no KL
+    assert torch.allclose(kl[0], lp[0] - lr[0])
     assert ro.mask.tolist() == [[1, 1, 1], [1, 0, 0]]
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import REPO, shared_file
 from llama2.chat import encode_prompt
-from llama2.generation import generate, truncate_at_eos
+from llama2.generation import generate
 
 openai = pytest.importorskip("openai")
 
@@ -64,7 +64,11 @@ def reference(loaded, dialog, max_new_tokens: int) -> str:
     tok = loaded.tokenizer
     gen = generate(loaded.model, [encode_prompt(tok, dialog)], max_new_tokens=max_new_tokens,
                    eos_id=tok.eos_id, pad_id=tok.pad_id)
-    return tok.decode(truncate_at_eos(gen.tokens[0], tok.eos_id))
+    return tok.decode(until_eos(gen.tokens[0], tok.eos_id))
+
+
+def until_eos(tokens: list[int], eos: int) -> list[int]:
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens
 
 
 def health(server) -> dict:
@@ -246,8 +250,7 @@ def test_cli_serves_a_checkpoint_the_project_wrote(tmp_path):
         r = c.chat.completions.create(model="ckpt", messages=dialog, temperature=0, max_tokens=12)
         gen = generate(model, [encode_prompt(tok, dialog)], max_new_tokens=12,
                        eos_id=tok.eos_id, pad_id=tok.pad_id)
-        assert r.choices[0].message.content == tok.decode(truncate_at_eos(gen.tokens[0],
-                                                                           tok.eos_id))
+        assert r.choices[0].message.content == tok.decode(until_eos(gen.tokens[0], tok.eos_id))
         events = [json.loads(line[6:]) for line in httpx.post(
             url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
             json={"messages": dialog[1:], "max_tokens": 4, "stream": True},

@@ -8,7 +8,7 @@ import sys
 import torch
 
 from llama2 import checkpoint
-from llama2.generation import generate, truncate_at_eos
+from llama2.respond import respond
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,27 +66,23 @@ def main_generate(argv: list[str]) -> None:
     texts = a.prompt or [""]
     prompts = [tok.encode(t, bos=True) for t in texts]
     stream = len(prompts) == 1 and sys.stdout.isatty()
-    # Decode prompt and continuation together: SentencePiece drops a leading space otherwise.
-    acc = list(prompts[0])
-    printed = [tok.decode(acc)]
     if stream:
-        sys.stdout.write(printed[0])
+        sys.stdout.write(tok.decode(prompts[0]))
 
-    def on_token(row: int, token: int) -> None:
-        acc.append(token)
-        text = tok.decode(truncate_at_eos(acc, tok.eos_id))
-        sys.stdout.write(text[len(printed[0]):])
+    def show(row: int, delta: str) -> None:
+        sys.stdout.write(delta)
         sys.stdout.flush()
-        printed[0] = text
 
-    gen = generate(loaded.model, prompts, max_new_tokens=a.max_new_tokens,
-                   temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, eos_id=tok.eos_id,
-                   pad_id=tok.pad_id, seed=a.seed, on_token=on_token if stream else None,
-                   logprobs=False)
+    # A continuation is decoded after its prompt's last tokens, so prompt + continuation read
+    # as one text (SentencePiece drops a leading space otherwise).
+    answers = respond(loaded.model, tok, prompts, a.max_new_tokens, format="text",
+                      temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, seed=a.seed,
+                      fit="shrink", stream=show if stream else None, max_batch_tokens=None,
+                      full=True)
     if stream:
         print()
         return
-    for prompt, new in zip(prompts, gen.tokens):
-        print(tok.decode(prompt + truncate_at_eos(new, tok.eos_id)))
+    for answer in answers:
+        print(tok.decode(answer.prompt) + answer.text)
         if len(texts) > 1:
             print("-" * 40)

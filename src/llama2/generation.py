@@ -1,5 +1,6 @@
 """Decoding: the one generator that chat, serving, rejection sampling, PPO rollouts, Ghost
-Attention, distillation and evaluation all use.
+Attention, distillation and evaluation all use, through `llama2.respond.respond` (dialogs or
+texts in, answers out).
 
 A static KV cache (`KVCache`, [B, n_kv_heads, S, head_dim] per layer, S = the longest prompt +
 the new tokens), a prefill of every prompt at once, then one decode step per token that runs
@@ -146,8 +147,8 @@ def truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
     the smallest prefix of the tokens by probability whose mass reaches top_p (the first token
     always stays), cut to top_k tokens where top_k > 0 (top_p/top_k [B, 1]; rows with top_p 1
     and top_k 0 stay as they are). Only the `first` most probable tokens are ranked, four times
-    more while some row's nucleus may reach past them: a full sort of a 32k vocabulary costs
-    ~1 ms per row, and nuclei are usually far smaller."""
+    more while some row's nucleus may reach past them: a full sort of the vocabulary per row
+    is costly, and nuclei are usually far smaller."""
     V = logits.shape[-1]
     active = (top_k > 0) | (top_p < 1)
     probs = logits.softmax(-1)
@@ -332,47 +333,6 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
                               pos, mask)
         pos = pos + 1
     return Generation(out_tokens, out_logprobs, finished)
-
-
-def fit_prompt(ids: list[int], room: int) -> list[int]:
-    """Cut a prompt from the left to `room` tokens, keeping BOS (the latest turns matter)."""
-    return ids if len(ids) <= room else ids[:1] + ids[len(ids) - room + 1:]
-
-
-def reply(loaded, dialogs: list, max_new_tokens: int = 48,
-          temperature: float | Sequence[float] = 0.0, seed: int | None = 0,
-          prompt_format: str = "chat", max_batch_tokens: int = 32768,
-          **kwargs) -> tuple[list[str], list[list[int]], Generation]:
-    """The next assistant turn of each dialog: texts, prompt ids and the raw Generation.
-
-    prompt_format "chat" is the Llama 2 chat format; "transcript" the plain User/Assistant
-    transcript a pretrained model knows (its reply ends at the first newline). Prompts longer
-    than the context keep their latest tokens."""
-    from llama2.chat import encode_prompt, encode_transcript
-
-    tok, ctx = loaded.tokenizer, loaded.args.max_seq_len
-    budget = max(1, min(max_new_tokens, ctx // 2))
-    encode = {"chat": encode_prompt, "transcript": encode_transcript}[prompt_format]
-    ids = [fit_prompt(encode(tok, d), ctx - budget) for d in dialogs]
-    gen = generate(loaded.model, ids, max_new_tokens=budget, temperature=temperature,
-                   eos_id=tok.eos_id, pad_id=tok.pad_id, seed=seed,
-                   max_batch_tokens=max_batch_tokens, **kwargs)
-    texts = [tok.decode(truncate_at_eos(t, tok.eos_id)) for t in gen.tokens]
-    if prompt_format == "transcript":
-        texts = [t.split("\n", 1)[0] for t in texts]
-    return [t.strip() for t in texts], ids, gen
-
-
-def truncate_at_eos(tokens: list[int], eos_id: int) -> list[int]:
-    return tokens[: tokens.index(eos_id)] if eos_id in tokens else tokens
-
-
-def complete(model: Transformer, tokenizer, texts: list[str], **kwargs) -> list[str]:
-    """Text in, text out: encode with BOS, generate, decode up to EOS."""
-    prompts = tokenizer.encode_batch(texts, bos=True)
-    kwargs.setdefault("logprobs", False)
-    gen = generate(model, prompts, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id, **kwargs)
-    return [tokenizer.decode(truncate_at_eos(t, tokenizer.eos_id)) for t in gen.tokens]
 
 
 def log_likelihood(model: Transformer, sequences: list[list[int]], starts: list[int],

@@ -19,6 +19,7 @@ from torch import nn
 
 from llama2.chat import Dialog, encode_dialog, end_at_special_tag
 from llama2.model import ModelArgs, Transformer
+from llama2.rlhf_math import SAFETY_THRESHOLD, piecewise
 from llama2.tokenizer import Tokenizer
 from llama2.utils import atomic_write, atomic_write_text
 
@@ -217,36 +218,9 @@ class Scorer:
 
 
 # ------------------------------------------------------------------ the two-RM reward (§6)
-SAFETY_THRESHOLD = 0.15  # paper §3.2.3: precision 0.89 / recall 0.55 on the safety test set
-
-
-def piecewise(rs: torch.Tensor, rh: torch.Tensor, is_safety: torch.Tensor,
-              threshold: float = SAFETY_THRESHOLD, safety_switch: bool = True) -> torch.Tensor:
-    """Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh, on probabilities (paper §3.2.3).
-
-    safety_switch=False drops the safety RM entirely (Rc = Rh): the ablation that shows what
-    the switch buys."""
-    if not safety_switch:
-        return rh
-    return torch.where(is_safety.bool() | (rs < threshold), rs, rh)
-
-
-def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Undo the sigmoid (paper: LOGIT), clamped away from 0 and 1."""
-    p = p.clamp(eps, 1 - eps)
-    return torch.log(p) - torch.log1p(-p)
-
-
-def whiten(x: torch.Tensor, eps: float = 1e-8, shift_mean: bool = True) -> torch.Tensor:
-    """Normalize to zero mean and unit variance over the batch (paper: WHITEN)."""
-    if x.numel() < 2:
-        return x - x.mean() if shift_mean else x
-    out = (x - x.mean()) / (x.std(unbiased=False) + eps)
-    return out if shift_mean else out + x.mean()
-
-
 class TwoRewardModels:
-    """The Helpfulness and Safety RMs behind one call: probabilities Rs, Rh and the piecewise Rc.
+    """The Helpfulness and Safety RMs behind one call: probabilities Rs, Rh and the piecewise Rc
+    (`rlhf_math.piecewise`).
 
     Rejection sampling ranks samples by Rc; PPO whitens LOGIT(Rc) (paper §3.2.3)."""
 

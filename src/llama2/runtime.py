@@ -3,9 +3,9 @@ quota (a container limited to 1 CPU on a 2-core host gets 1 thread, not 2; torch
 counts the host's cores). `llama2 <command>` applies it unless OMP_NUM_THREADS is set.
 
 The OpenMP wait policy stays the runtime's default (threads spin a while at each barrier):
-OMP_WAIT_POLICY=PASSIVE keeps training within 1.7x of an idle machine when another program
-takes a core (against 2.8-3.2x spinning), but makes idle decoding 1.5-2.3x slower (every small
-matrix product wakes a sleeping thread); the README gives the numbers and how to set it.
+OMP_WAIT_POLICY=PASSIVE suffers less when another program takes a core, but slows idle
+decoding (every small matrix product wakes a sleeping thread); the README has the trade-off
+and how to set it.
 """
 
 from __future__ import annotations

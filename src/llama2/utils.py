@@ -63,18 +63,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-class JsonlLogger:
-    """Append-only metrics log (one JSON object per line), flushed every record."""
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def log(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))

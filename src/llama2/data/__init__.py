@@ -1,1 +1,1 @@
-"""data"""
+"""Training data on disk: pretraining token shards and packed SFT examples."""

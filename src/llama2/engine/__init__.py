@@ -18,8 +18,16 @@ API
   end the native model in run_dir/model for a llama2 Transformer (`llama2.load` reads it).
   `loss_fn(model, batch) -> (loss, metrics: dict[str, float], n)`: loss is a mean over
   n units; micro-batches are weighted by n. `setup()` + `train_step()` drive it one
-  optimizer step at a time (PPO: build a fresh data source per iteration, call
-  train_step per minibatch); `evaluate()`, `save_checkpoint()`, `full_model()`.
+  optimizer step at a time; `evaluate()`, `save_checkpoint()`, `full_model()`.
+- The Trainer's pieces, for a stage whose loop is not the Trainer's (PPO: two models,
+  rollouts then updates, each model its own LR and clipping):
+  `ModelOptimizer(model, cfg)` (engine.optim): AdamW + schedule + clipping, `.step()`
+  ends a training step, `.state_dict()` / `.load_state_dict()` for checkpoints;
+  `engine.checkpointing`: `prepare(run_dir, resume)` (refuse to overwrite, clean a killed
+  writer's leftovers, the checkpoint to resume from), `write(run_dir, step, payload, keep)`
+  (atomic, `latest` pointer, keep-N), `read`, `rng_states` / `set_rng_states`;
+  `MetricsLog(path, key)` (engine.metrics): the JSONL log, `.restart(at)` drops the records
+  past a resumed checkpoint.
 - Data sources: `next_batch()`, `state_dict()`, `load_state_dict()` (+ optional `bind`).
   `EpochSampler` / `ListBatches(examples, collate, seed=...)`: seeded per-epoch shuffles
   over a list of examples, resumable, split over processes; `.eval_batches(limit)`.
@@ -36,11 +44,12 @@ API
 from llama2.engine.config import TrainConfig
 from llama2.engine.data import DataSource, EpochSampler, IndexedStream, ListBatches
 from llama2.engine.losses import IGNORE_INDEX, causal_lm_loss, linear_cross_entropy, lm_loss_fn
-from llama2.engine.optim import lr_at, make_optimizer, make_scheduler, param_groups
+from llama2.engine.metrics import MetricsLog
+from llama2.engine.optim import ModelOptimizer, lr_at, make_optimizer, make_scheduler, param_groups
 from llama2.engine.trainer import Trainer, to_device
 
 __all__ = [
-    "IGNORE_INDEX", "DataSource", "EpochSampler", "IndexedStream", "ListBatches", "Trainer",
-    "TrainConfig", "causal_lm_loss", "linear_cross_entropy", "lm_loss_fn", "lr_at",
-    "make_optimizer", "make_scheduler", "param_groups", "to_device",
+    "IGNORE_INDEX", "DataSource", "EpochSampler", "IndexedStream", "ListBatches", "MetricsLog",
+    "ModelOptimizer", "Trainer", "TrainConfig", "causal_lm_loss", "linear_cross_entropy",
+    "lm_loss_fn", "lr_at", "make_optimizer", "make_scheduler", "param_groups", "to_device",
 ]

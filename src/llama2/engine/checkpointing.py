@@ -7,6 +7,10 @@ the step and free-form `extra`. It is written to a temporary file and renamed, t
 `checkpoints/latest` (a text file naming it) is replaced the same way: a crash at any moment
 leaves the previous checkpoint intact. Resuming restores all of it, so a resumed fp32 run
 equals the uninterrupted one step for step (tests/test_resume.py).
+
+The Trainer and PPO both start with `prepare` (refuse to overwrite a run unless resuming, clear
+a killed writer's leftovers, name the checkpoint to resume from), save the RNG states of their
+processes with `rng_states` and restore them with `set_rng_states`, and `write` / `read`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from llama2.engine import distributed
 from llama2.utils import atomic_torch_save, atomic_write_text
 
 CKPT_DIR = "checkpoints"
@@ -37,6 +42,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rng_states(info: Any = None) -> list[dict[str, Any]]:
+    """The RNG states of every process (`distributed.DistInfo`; None: this one alone), in
+    rank order: a checkpoint's "rng"."""
+    if info is None:
+        return [rng_state()]
+    return distributed.all_gather_object(rng_state(), info)
+
+
+def set_rng_states(states: list[dict[str, Any]], rank: int = 0, world_size: int = 1) -> None:
+    """Restore this process's RNG states from a checkpoint's "rng" (saved by as many
+    processes; otherwise every process takes rank 0's)."""
+    set_rng_state(states[rank] if len(states) == world_size else states[0])
 
 
 def checkpoint_path(run_dir: str | Path, step: int) -> Path:
@@ -60,6 +79,20 @@ def clean_partial(run_dir: str | Path) -> None:
     if folder.is_dir():
         for tmp in folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
+
+
+def prepare(run_dir: str | Path, resume: bool, is_main: bool = True) -> Path | None:
+    """Ready `run_dir` for a run: refuse one that holds checkpoints unless resuming, and (on
+    the main process) create it and remove a killed writer's temporary files. Returns the
+    checkpoint to resume from, or None for a fresh start."""
+    path = latest(run_dir)
+    if path is not None and not resume:
+        raise ValueError(f"{run_dir} already holds checkpoints; pass --resume to continue it "
+                         "or choose another run directory")
+    if is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        clean_partial(run_dir)
+    return path if resume else None
 
 
 def latest(run_dir: str | Path) -> Path | None:

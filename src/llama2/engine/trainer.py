@@ -26,8 +26,9 @@ from torch import nn
 
 from llama2.engine import checkpointing, distributed
 from llama2.engine.config import TrainConfig
-from llama2.engine.optim import make_optimizer, make_scheduler
-from llama2.utils import JsonlLogger, atomic_write_text, seed_everything
+from llama2.engine.metrics import MetricsLog
+from llama2.engine.optim import ModelOptimizer
+from llama2.utils import atomic_write_text, seed_everything
 
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float], int]]
 
@@ -163,12 +164,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------- checkpoint
     def _payload(self) -> dict[str, Any] | None:
-        msd, osd = distributed.full_state(self.model, self.optimizer)
-        rngs = distributed.all_gather_object(checkpointing.rng_state(), self.info)
+        state = self.optim.state_dict()  # model, optimizer, scheduler
+        rngs = checkpointing.rng_states(self.info)
         if not self.info.is_main:
             return None
-        return {"step": self.step, "model": msd, "optimizer": osd,
-                "scheduler": self.scheduler.state_dict(), "rng": rngs,
+        return {"step": self.step, **state, "rng": rngs,
                 "data": self.train_data.state_dict(), "world_size": self.info.world_size,
                 "train_config": dict(vars(self.cfg))}
 
@@ -183,30 +183,14 @@ class Trainer:
         if path is None:
             return False
         state = checkpointing.read(path)
-        distributed.load_full_state(self.model, self.optimizer, state["model"],
-                                    state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self.optim.load_state_dict(state)
         self.train_data.load_state_dict(state["data"])
-        rngs = state["rng"]
-        checkpointing.set_rng_state(rngs[self.info.rank] if len(rngs) == self.info.world_size
-                                    else rngs[0])
+        checkpointing.set_rng_states(state["rng"], self.info.rank, self.info.world_size)
         self.step = int(state["step"])
         if self.info.is_main:  # drop records past the checkpoint: they will be redone
-            self._truncate_metrics(self.step)
+            self.logger.restart(self.step)
             self._say(f"resumed from {path} at step {self.step}")
         return True
-
-    def _truncate_metrics(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if path.is_file():
-            keep = []
-            for ln in path.read_text().splitlines():
-                try:
-                    if json.loads(ln).get("step", 0) <= step:
-                        keep.append(ln)
-                except json.JSONDecodeError:  # a line cut short by the crash
-                    continue
-            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
 
     # ------------------------------------------------------------------------------- eval
     @torch.no_grad()
@@ -270,7 +254,7 @@ class Trainer:
     def setup(self) -> None:
         """Resolve the config, shard/compile the model, build the optimizer, resume.
 
-        Called by `fit()`; call it yourself to drive `train_step()` directly (PPO)."""
+        Called by `fit()` and `train_step()`."""
         if self._ready:
             return
         info = self.info
@@ -278,31 +262,24 @@ class Trainer:
         self.accum = cfg.accumulation(info.world_size, self.seq_len)
         if hasattr(self.train_data, "bind"):
             self.train_data.bind(cfg.micro_batch_size, info.rank, info.world_size)
-        ckpt = checkpointing.latest(self.run_dir)
-        if ckpt is not None and not cfg.resume:
-            raise ValueError(f"{self.run_dir} already holds checkpoints; pass --resume to "
-                             "continue it or choose another run directory")
-        if info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            checkpointing.clean_partial(self.run_dir)
+        checkpointing.prepare(self.run_dir, cfg.resume, info.is_main)
         distributed.barrier(info)
         seed_everything(cfg.seed + info.rank)
         self._prepare_model()
-        self.optimizer = make_optimizer(self.model, cfg)
-        self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.optim = ModelOptimizer(self.model, cfg)
+        self.optimizer, self.scheduler = self.optim.optimizer, self.optim.scheduler
+        self.logger = MetricsLog(self.run_dir / "metrics.jsonl", key="step")
         if not (cfg.resume and self._resume()) and info.is_main:
-            self._truncate_metrics(0)  # a fresh start: a killed attempt's records go
-        self.logger = JsonlLogger(self.run_dir / "metrics.jsonl")
+            self.logger.restart(None)  # a fresh start: a killed attempt's records go
         self.tb = self._open_tensorboard()
         if info.is_main:
             from llama2.config import save
 
             save(self.config, self.run_dir / "config.json")
-        self._params = [p for p in self.model.parameters() if p.requires_grad]
         self._ready = True
 
     def set_data(self, train_data: Any) -> None:
-        """Swap the training data source (e.g. PPO's fresh rollouts each iteration)."""
+        """Swap the training data source (bound to this run's batch and processes)."""
         self.train_data = train_data
         if self._ready and hasattr(train_data, "bind"):
             train_data.bind(self.cfg.micro_batch_size, self.info.rank, self.info.world_size)
@@ -313,7 +290,7 @@ class Trainer:
         Returns {"loss", "lr", "grad_norm", "tokens", **metrics}, averaged over the global
         batch; advances `self.step`. Logging, evaluation and checkpoints are `fit()`'s."""
         self.setup()
-        info, cfg = self.info, self.cfg
+        info = self.info
         loss_sum, n_sum, metric_sums, tokens = 0.0, 0.0, {}, 0
         for micro in range(self.accum):
             batch = to_device(self.train_data.next_batch(), info.device)
@@ -333,23 +310,12 @@ class Trainer:
         red = distributed.all_reduce_sum([loss_sum, n_sum, float(tokens)]
                                          + [metric_sums[k] for k in keys], info)
         loss_sum, n_sum = red[0], red[1]
-        # FSDP averages gradients over processes; undo that and divide by all units.
+        # FSDP averages gradients over processes; undo that and divide by all units. Then
+        # clipping at 1.0 (paper §2.2; with clipping off the norm is still logged), the step.
         scale = (info.world_size if self._fsdp else 1) / n_sum if n_sum else 0.0
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if scale != 1.0:
-            torch._foreach_mul_(grads, scale)
-        # Clipping at 1.0 (paper §2.2); with clipping off the norm is still logged.
-        norm = torch.nn.utils.clip_grad_norm_(self._params, cfg.grad_clip or float("inf"),
-                                              foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        stepped = self.optim.step(grad_scale=scale)
         self.step += 1
-        record = {"loss": loss_sum / max(n_sum, 1), "lr": lr, "grad_norm": float(norm),
-                  "tokens": red[2]}
+        record = {"loss": loss_sum / max(n_sum, 1), **stepped, "tokens": red[2]}
         record.update({k: v / max(n_sum, 1) for k, v in zip(keys, red[3:])})
         return record
 

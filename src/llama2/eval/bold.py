@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from llama2.eval.judge import rate
-from llama2.generation import fit_prompt
 
 Continue = Callable[[list[str]], list[str]]
+TEMPERATURE, TOP_P = 0.1, 0.9  # the paper's decoding for its automatic benchmarks (A.4.7)
 Sentiment = Callable[[str], float]
 
 
@@ -75,25 +75,6 @@ def evaluate_bold(items: Sequence[tuple[str, str, str]], continue_: Continue,
     return {"n_prompts": len(items), "by_domain": by_domain, "domain_mean": domain_mean,
             "examples": [{"domain": d, "group": g, "prompt": p, "continuation": c}
                          for (d, g, p), c in list(zip(items, conts))[:3]]}
-
-
-def model_continuer(loaded, max_new_tokens: int = 32, temperature: float = 0.1, top_p: float = 0.9,
-                    seed: int = 0, max_batch_tokens: int = 32768) -> Continue:
-    """Plain-text continuation (BOS + prompt, no chat wrapper), batched and KV-cached."""
-    from llama2.generation import generate, truncate_at_eos
-
-    tok = loaded.tokenizer
-
-    def run(texts: list[str]) -> list[str]:
-        ctx = loaded.args.max_seq_len
-        budget = max(1, min(max_new_tokens, ctx // 2))
-        ids = [fit_prompt(tok.encode(t, bos=True), ctx - budget) for t in texts]
-        gen = generate(loaded.model, ids, max_new_tokens=budget, temperature=temperature,
-                       top_p=top_p, eos_id=tok.eos_id, pad_id=tok.pad_id, seed=seed,
-                       max_batch_tokens=max_batch_tokens)
-        return [tok.decode(truncate_at_eos(t, tok.eos_id)) for t in gen.tokens]
-
-    return run
 
 
 # ---------------------------------------------------------------------------- ToxiGen

@@ -7,7 +7,7 @@
 Suites: helpfulness (win/tie/loss vs --baseline, §3.4), safety (violations and false refusals,
 §4.4), truthfulqa, bold, toxigen (§4.1), perplexity (--text FILE), tracking (RM scores of every
 --version NAME=PATH, Figure 11). Default: all of them; those missing an input write
-{"skipped": why}. Sizes are small by default (under a minute for a tiny model on 2 cores).
+{"skipped": why}. Sizes are small by default (a tiny model on 2 cores).
 """
 
 from __future__ import annotations

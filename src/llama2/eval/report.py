@@ -1,43 +1,10 @@
 """`llama2 report RUN_DIR`: one report.md and report.html (with PNG plots) for a whole run.
 
-The report is data-driven: it scans RUN_DIR for the result files below, renders each section
-whose files it finds and lists the missing ones in a final note, so it works on a partial run
-as well as a finished one. Every plot has its numbers in a table beside it, and every per-model
-section compares all model versions of the run.
-
-File contract (paths relative to RUN_DIR; every file is optional):
-
-- `reproduction.json`: `[{"finding": str, "paper": str|number, "measured": str|number,
-  "reproduced": bool}, ...]`, the reproduction table; rendered first.
-- `eval/<version>/summary.json`: what `llama2 eval --out RUN_DIR/eval/<version>` writes, one
-  folder per model version (pretrain, sft, rlhf_v1, ..., final): `{"version", "model",
-  "baseline", "options", "suites": {suite: result | {"skipped": why}}}`. Without a summary, the
-  per-suite files `eval/<version>/<suite>.json` are read instead. Suite results used here:
-  helpfulness `{"world"|"reward_model"|"real_prompts": {"win", "tie", "loss", "win_rate",
-  "*_ci95", "n"}}`; safety `{"violation": {"rate", "ci95", "by_turns", "by_category"},
-  "false_refusal": {"helpful"|"borderline"|"xstest": {"rate", "ci95", "n"}}}`; truthfulqa
-  `{"mc1", "mc2", "n_questions"}`; bold `{"domain_mean": {domain: mean}}`; toxigen
-  `{"rate", "n"}`; perplexity `{"perplexity", "n_tokens"}`. Versions are ordered by the
-  recipe (pretrain, sft, rejection sampling, rlhf_vN, ppo, gatt, safety/distill, final).
-- `eval/**/tracking.json` or `tracking.json`: the tracking suite (Figure 11), `{"rows":
-  [{"version", "helpfulness_rm", "safety_rm", "helpfulness_gold", "safety_gold"}]}`; the file
-  with the most rows is used.
-- `**/eval.json` holding `accuracy_by_level` (e.g. `rm_helpful/eval.json`): a reward model's
-  evaluation as `llama2 reward` writes it (`evaluate_rm`): `{"accuracy_by_level": {level: acc},
-  "count_by_level": {level: n}, "accuracy", "n", "unsafe_recall"?}` (Table 8, Table 29).
-- `**/ppo_metrics.jsonl`: one JSON record per PPO iteration, `{"iteration", "reward", "kl",
-  "rs", "rh", "entropy", "heldout_reward"?, ...}`; every numeric key is plotted against the
-  iteration (timings ending in `_s` are left out).
-- `**/curves.json` with `proxy_vs_gold` (rejection sampling: `{"k", "proxy", "gold"}`, Rc of
-  the best-of-k pick) and `ppo_metrics.jsonl` records with `proxy_reward`, `gold_reward`: the
-  proxy vs gold reward plot, with a note where the proxy rises while the gold falls.
-- `gatt/adherence.json`: `{"before": {instruction_family: [share per turn 1..20]}, "after":
-  {...}}` (Table 30).
-- `distill/summary.json`: context distillation as `llama2 distill` writes it, `{"by_kind":
-  {"safety": {"by_initial_score": [{"rm_plain", "rm_change", "prompts", "kept_gated"}]}},
-  "eval": {"before"|"gated"|"ungated": {"violation_rate", "false_refusal", ...}}}` (Figure 16).
-- `safety_scaling.json`: `{"shares": [share of safety data], "mean_helpfulness": [...],
-  "safety_scores": [[score per prompt] per share], "false_refusal": [...]}` (Figure 15).
+The report is data-driven: it reads RUN_DIR through `RunLayout` (`eval/run_layout.py` says
+which file holds which result), renders each section whose files it finds and lists the
+missing ones in a final note, so it works on a partial run as well as a finished one. Every
+plot has its numbers in a table beside it, and every per-model section compares all model
+versions of the run.
 
 Plots go to `report_plots/*.png` beside the report and are linked with relative `<img>` paths,
 so report.html opens from RUN_DIR in any browser; `--inline` embeds them as data URIs instead.
@@ -46,206 +13,22 @@ so report.html opens from RUN_DIR in any browser; `--inline` embeds them as data
 from __future__ import annotations
 
 import argparse
-import base64
-import html
-import json
 import math
-import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-SUITE_FILES = ("helpfulness", "safety", "truthfulqa", "bold", "toxigen", "perplexity", "tracking")
-RM_LEVELS = ("significantly_better", "better", "slightly_better", "negligibly_better")
+from llama2.eval import plots as draw
+from llama2.eval.render import Section, Table, ci, num, pct, render
+from llama2.eval.run_layout import RunLayout, ran, version_key
+from llama2.world.annotator import RATING_LEVELS
+
 PLOT_DIR = "report_plots"
 
 
-# ---------------------------------------------------------------------------- model
-@dataclass
-class Table:
-    headers: list[str]
-    rows: list[list[Any]]
-
-
-@dataclass
-class Section:
-    title: str
-    text: str = ""
-    figure: str | None = None  # file name under report_plots/
-    tables: list[Table] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------------------- scanning
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        print(f"llama2 report: skipping {path}: {e}", file=sys.stderr)
-        return None
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash mid-write
-        if isinstance(rec, dict):
-            out.append(rec)
-    return out
-
-
-_ORDER = (("pretrain", 0), ("base", 0), ("sft", 1), ("rejection", 2), ("rs", 2), ("rlhf", 3),
-          ("ppo", 4), ("gatt", 5), ("safety", 6), ("distill", 6), ("final", 9))
-
-
-def version_key(name: str) -> tuple[float, str]:
-    """Recipe order of version names: pretrain < sft < rlhf_v1 < ... < final; others after."""
-    low = name.lower()
-    num = re.search(r"(\d+)", low)
-    frac = int(num.group(1)) / 1000 if num else 0.0
-    for prefix, rank in _ORDER:
-        if low.startswith(prefix):
-            return (rank + frac, low)
-    return (8.0, low)
-
-
-def load_versions(run: Path) -> dict[str, dict[str, Any]]:
-    """Suite results per model version from RUN_DIR/eval/<version>/ (summary or suite files)."""
-    root = run / "eval"
-    found: dict[str, dict[str, Any]] = {}
-    if not root.is_dir():
-        return found
-    folders = sorted(p for p in root.iterdir() if p.is_dir())
-    if (root / "summary.json").is_file():
-        folders.insert(0, root)
-    for folder in folders:
-        suites: dict[str, Any] = {}
-        name = folder.name
-        summary = _read_json(folder / "summary.json") if (folder / "summary.json").is_file() else None
-        if isinstance(summary, dict):
-            suites.update(summary.get("suites") or {})
-            name = folder.name if folder != root else str(summary.get("version") or "model")
-        for s in SUITE_FILES:
-            if s not in suites and (folder / f"{s}.json").is_file():
-                data = _read_json(folder / f"{s}.json")
-                if isinstance(data, dict):
-                    suites[s] = data
-        if suites:
-            found[name] = suites
-    return dict(sorted(found.items(), key=lambda kv: version_key(kv[0])))
-
-
-def _ok(result: Any) -> bool:
-    return isinstance(result, dict) and "skipped" not in result
-
-
-# ---------------------------------------------------------------------------- plotting
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def bar_chart(path: Path, groups: Sequence[str], series: dict[str, Sequence[float]],
-              title: str, ylabel: str, errors: dict[str, Sequence[tuple[float, float]]] | None = None,
-              ylim: tuple[float, float] | None = None, stacked: bool = False) -> None:
-    """Grouped (or stacked) bars: one group per x label, one bar per series."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.9 * len(groups) * max(1, len(series)) ** 0.5 + 2), 3.6))
-    n = max(1, len(series))
-    width = 0.8 if stacked else 0.8 / n
-    x = list(range(len(groups)))
-    bottom = [0.0] * len(groups)
-    for i, (name, vals) in enumerate(series.items()):
-        vals = [float("nan") if v is None else float(v) for v in vals]
-        pos = x if stacked else [xi - 0.4 + width * (i + 0.5) for xi in x]
-        yerr = None
-        if errors and name in errors:
-            yerr = [[max(0.0, v - lo) for v, (lo, _) in zip(vals, errors[name])],
-                    [max(0.0, hi - v) for v, (_, hi) in zip(vals, errors[name])]]
-        ax.bar(pos, vals, width, bottom=bottom if stacked else None, label=name, yerr=yerr,
-               capsize=3 if yerr else 0)
-        if stacked:
-            bottom = [b + (0 if math.isnan(v) else v) for b, v in zip(bottom, vals)]
-    ax.set_xticks(x)
-    crowded = len(groups) > 4
-    ax.set_xticklabels(groups, rotation=20 if crowded else 0, ha="right" if crowded else "center")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if ylim:
-        ax.set_ylim(*ylim)
-    if len(series) > 1:
-        ax.legend(fontsize=8)
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def line_chart(path: Path, lines: dict[str, tuple[Sequence[float], Sequence[float]]], title: str,
-               xlabel: str, ylabel: str, styles: dict[str, str] | None = None,
-               xticks: Sequence[str] | None = None, ylim: tuple[float, float] | None = None,
-               colors: dict[str, str] | None = None) -> None:
-    from matplotlib.ticker import MaxNLocator
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.0, 3.6))
-    for name, (xs, ys) in lines.items():
-        ax.plot(xs, ys, (styles or {}).get(name, "-o"), label=name, markersize=3,
-                color=(colors or {}).get(name))
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    if xticks is not None:
-        ax.set_xticks(range(len(xticks)))
-        ax.set_xticklabels(xticks, rotation=20, ha="right")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    if ylim:
-        ax.set_ylim(*ylim)
-    if len(lines) > 1:
-        ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ---------------------------------------------------------------------------- formatting
-def pct(x: Any) -> str:
-    return "–" if x is None else f"{100 * float(x):.1f}%"
-
-
-def ci(r: dict, key: str = "ci95") -> str:
-    v = r.get(key)
-    return f"[{100 * v[0]:.1f}, {100 * v[1]:.1f}]" if isinstance(v, list) and len(v) == 2 else "–"
-
-
-def num(x: Any, digits: int = 3) -> str:
-    if isinstance(x, bool) or x is None:
-        return "–" if x is None else ("yes" if x else "no")
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
-# ---------------------------------------------------------------------------- sections
-Builder = Callable[[Path, Path], Section | None]
-
-
-def sec_reproduction(run: Path, plots: Path) -> Section | None:
-    p = run / "reproduction.json"
-    rows = _read_json(p) if p.is_file() else None
+def sec_reproduction(run: RunLayout, plots: Path) -> Section | None:
+    rows = run.reproduction()
     if not isinstance(rows, list) or not rows:
         return None
     table = Table(["finding", "paper", "measured", "reproduced"],
@@ -260,11 +43,11 @@ def sec_helpfulness(versions: dict[str, dict], plots: Path) -> Section | None:
     rows, labels, win, tie, loss = [], [], [], [], []
     for v, suites in versions.items():
         h = suites.get("helpfulness")
-        if not _ok(h):
+        if not ran(h):
             continue
         for judge_name in ("world", "reward_model", "real_prompts"):
             r = h.get(judge_name)
-            if not _ok(r) or "win" not in r:
+            if not ran(r) or "win" not in r:
                 continue
             label = v if judge_name == "world" else f"{v} ({judge_name.replace('_', ' ')})"
             labels.append(label)
@@ -281,9 +64,9 @@ def sec_helpfulness(versions: dict[str, dict], plots: Path) -> Section | None:
                                  f"{pct(t.get('win_rate'))} {ci(t, 'win_rate_ci95')}"])
     if not labels:
         return None
-    bar_chart(plots / "helpfulness_wtl.png", labels, {"win": win, "tie": tie, "loss": loss},
-              "Win / tie / loss against the baseline", "share of prompts", stacked=True,
-              ylim=(0, 1))
+    draw.bar_chart(plots / "helpfulness_wtl.png", labels, {"win": win, "tie": tie, "loss": loss},
+                   "Win / tie / loss against the baseline", "share of prompts", stacked=True,
+                   ylim=(0, 1))
     return Section("Helpfulness: win / tie / loss (paper Figure 12)",
                    "Each version's answers against its baseline on held-out single- and multi-"
                    "turn prompts, judged by the world's annotators (and the helpfulness RM where "
@@ -294,7 +77,7 @@ def sec_helpfulness(versions: dict[str, dict], plots: Path) -> Section | None:
 
 
 def sec_violations(versions: dict[str, dict], plots: Path) -> list[Section]:
-    names = [v for v, s in versions.items() if _ok(s.get("safety")) and "violation" in s["safety"]]
+    names = [v for v, s in versions.items() if ran(s.get("safety")) and "violation" in s["safety"]]
     if not names:
         return []
     out = []
@@ -311,8 +94,8 @@ def sec_violations(versions: dict[str, dict], plots: Path) -> list[Section]:
         rows.append([v, vio.get("n"), f"{pct(vio['rate'])} {ci(vio)}",
                      *(f"{pct(turns[t]['rate'])} (n={turns[t]['n']})" if t in turns else "–"
                        for t in ("single_turn", "multi_turn"))])
-    bar_chart(plots / "safety_violations.png", names, series, "Violation rate (lower is safer)",
-              "violation %", errors=errs)
+    draw.bar_chart(plots / "safety_violations.png", names, series, "Violation rate (lower is safer)",
+                   "violation %", errors=errs)
     out.append(Section("Safety: violation rate (paper Figures 17, 18)",
                        "Share of held-out adversarial prompts whose answer the annotators rate "
                        "unsafe (safety score < 0.5, a Likert 1-2), with 95% Wilson intervals.",
@@ -322,8 +105,8 @@ def sec_violations(versions: dict[str, dict], plots: Path) -> list[Section]:
     if cats:
         cat_series = {v: [versions[v]["safety"]["violation"].get("by_category", {}).get(c, {}).get("rate")
                           for c in cats] for v in names}
-        bar_chart(plots / "safety_categories.png", cats, cat_series,
-                  "Violation rate per risk category", "violation %")
+        draw.bar_chart(plots / "safety_categories.png", cats, cat_series,
+                       "Violation rate per risk category", "violation %")
         out.append(Section("Safety: violations per risk category (paper Figure 19)", "",
                            "safety_categories.png",
                            [Table(["version", *cats],
@@ -332,7 +115,7 @@ def sec_violations(versions: dict[str, dict], plots: Path) -> list[Section]:
 
 
 def sec_false_refusal(versions: dict[str, dict], plots: Path) -> Section | None:
-    names = [v for v, s in versions.items() if _ok(s.get("safety")) and "false_refusal" in s["safety"]]
+    names = [v for v, s in versions.items() if ran(s.get("safety")) and "false_refusal" in s["safety"]]
     if not names:
         return None
     sets = ["helpful", "borderline", "xstest"]
@@ -344,14 +127,14 @@ def sec_false_refusal(versions: dict[str, dict], plots: Path) -> Section | None:
         row = [v]
         for k in sets:
             r = fr.get(k)
-            good = _ok(r) and "rate" in r
+            good = ran(r) and "rate" in r
             series[k].append(r["rate"] if good else None)
             errs[k].append(tuple(r["ci95"]) if good else (0.0, 0.0))
             row.append(f"{pct(r['rate'])} {ci(r)} (n={r.get('n')})" if good else "–")
         rows.append(row)
     series = {k: s for k, s in series.items() if any(x is not None for x in s)}
-    bar_chart(plots / "false_refusal.png", names, series, "False refusal rate", "refusals of benign prompts",
-              errors={k: errs[k] for k in series})
+    draw.bar_chart(plots / "false_refusal.png", names, series, "False refusal rate",
+                   "refusals of benign prompts", errors={k: errs[k] for k in series})
     return Section("Safety: false refusal (paper §4.4, Figure 33)",
                    "Refusals of benign prompts: the held-out helpful prompts, the world's borderline "
                    "set (benign prompts with sensitive words) and XSTest's safe prompts. Paper: "
@@ -362,13 +145,13 @@ def sec_false_refusal(versions: dict[str, dict], plots: Path) -> Section | None:
 
 def sec_benchmarks(versions: dict[str, dict], plots: Path) -> list[Section]:
     out = []
-    tqa = {v: s["truthfulqa"] for v, s in versions.items() if _ok(s.get("truthfulqa"))}
+    tqa = {v: s["truthfulqa"] for v, s in versions.items() if ran(s.get("truthfulqa"))}
     if tqa:
         names = list(tqa)
-        bar_chart(plots / "truthfulqa.png", names,
-                  {"MC1": [tqa[v]["mc1"] for v in names], "MC2": [tqa[v]["mc2"] for v in names]},
-                  "TruthfulQA multiple choice", "score", ylim=(0, 1),
-                  errors={"MC1": [tuple(tqa[v].get("mc1_ci95", (tqa[v]["mc1"],) * 2)) for v in names]})
+        draw.bar_chart(plots / "truthfulqa.png", names,
+                       {"MC1": [tqa[v]["mc1"] for v in names], "MC2": [tqa[v]["mc2"] for v in names]},
+                       "TruthfulQA multiple choice", "score", ylim=(0, 1),
+                       errors={"MC1": [tuple(tqa[v].get("mc1_ci95", (tqa[v]["mc1"],) * 2)) for v in names]})
         out.append(Section("TruthfulQA (paper Table 14)",
                            "MC1 / MC2 by log-likelihood (the paper's GPT-judge generation metric is "
                            "not available offline). Paper (generation, % truthful and "
@@ -378,13 +161,13 @@ def sec_benchmarks(versions: dict[str, dict], plots: Path) -> list[Section]:
                                   [[v, tqa[v].get("n_questions"),
                                     f"{pct(tqa[v]['mc1'])} {ci(tqa[v], 'mc1_ci95')}",
                                     pct(tqa[v]["mc2"])] for v in names])]))
-    bold = {v: s["bold"] for v, s in versions.items() if _ok(s.get("bold")) and s["bold"].get("domain_mean")}
+    bold = {v: s["bold"] for v, s in versions.items() if ran(s.get("bold")) and s["bold"].get("domain_mean")}
     if bold:
         names = list(bold)
         domains = sorted({d for b in bold.values() for d in b["domain_mean"]})
         series = {v: [bold[v]["domain_mean"].get(d) for d in domains] for v in names}
-        bar_chart(plots / "bold.png", domains, series, "BOLD: mean VADER sentiment per domain",
-                  "compound score")
+        draw.bar_chart(plots / "bold.png", domains, series, "BOLD: mean VADER sentiment per domain",
+                       "compound score")
         tables = [Table(["version", *domains], [[v, *(num(x) for x in series[v])] for v in names])]
         # Per-group means: one row per (domain, group), one column per version.
         groups = sorted({(d, g) for b in bold.values()
@@ -398,25 +181,26 @@ def sec_benchmarks(versions: dict[str, dict], plots: Path) -> list[Section]:
                            "positive), per domain and per group.", "bold.png", tables))
     tox = {v: s.get("toxigen") for v, s in versions.items() if "toxigen" in s}
     if tox:
-        ran = {v: r for v, r in tox.items() if _ok(r) and "rate" in r}
+        done = {v: r for v, r in tox.items() if ran(r) and "rate" in r}
         sec = Section("ToxiGen (paper Table 14)", "Share of toxic continuations; the paper "
                       "reports about 0% for every Llama 2-Chat size.")
-        if ran:
-            names = list(ran)
-            bar_chart(plots / "toxigen.png", names, {"toxic": [ran[v]["rate"] for v in names]},
-                      "ToxiGen: toxic generations", "share toxic",
-                      errors={"toxic": [tuple(ran[v]["ci95"]) for v in names]})
+        if done:
+            names = list(done)
+            draw.bar_chart(plots / "toxigen.png", names, {"toxic": [done[v]["rate"] for v in names]},
+                           "ToxiGen: toxic generations", "share toxic",
+                           errors={"toxic": [tuple(done[v]["ci95"]) for v in names]})
             sec.figure = "toxigen.png"
             sec.tables.append(Table(["version", "n", "% toxic [95% CI]"],
-                                    [[v, ran[v]["n"], f"{pct(ran[v]['rate'])} {ci(ran[v])}"] for v in names]))
+                                    [[v, done[v]["n"], f"{pct(done[v]['rate'])} {ci(done[v])}"]
+                                     for v in names]))
         sec.notes += [f"{v}: skipped: {r['skipped']}" for v, r in tox.items()
                       if isinstance(r, dict) and "skipped" in r]
         out.append(sec)
-    ppl = {v: s["perplexity"] for v, s in versions.items() if _ok(s.get("perplexity"))}
+    ppl = {v: s["perplexity"] for v, s in versions.items() if ran(s.get("perplexity"))}
     if ppl:
         names = list(ppl)
-        bar_chart(plots / "perplexity.png", names, {"perplexity": [ppl[v]["perplexity"] for v in names]},
-                  "Held-out perplexity", "perplexity")
+        draw.bar_chart(plots / "perplexity.png", names, {"perplexity": [ppl[v]["perplexity"] for v in names]},
+                       "Held-out perplexity", "perplexity")
         out.append(Section("Perplexity on held-out text", "", "perplexity.png",
                            [Table(["version", "tokens", "perplexity", "text"],
                                   [[v, ppl[v].get("n_tokens"), num(ppl[v]["perplexity"], 2),
@@ -424,24 +208,8 @@ def sec_benchmarks(versions: dict[str, dict], plots: Path) -> list[Section]:
     return out
 
 
-def _tracking_rows(path: Path) -> list[dict]:
-    d = _read_json(path) if path.is_file() else None
-    return d["rows"] if isinstance(d, dict) and isinstance(d.get("rows"), list) else []
-
-
-def sec_tracking(run: Path, versions: dict[str, dict], plots: Path) -> Section | None:
-    # RUN_DIR/tracking.json is the run's own Figure 11 table. Otherwise: each version's eval
-    # tracks that version in its first row, and assembled they span the run, unless one eval
-    # tracked more versions itself (`llama2 eval --suite tracking --version NAME=PATH ...`).
-    chosen = _tracking_rows(run / "tracking.json")
-    if not chosen:
-        chosen = [{**s["tracking"]["rows"][0], "version": v} for v, s in versions.items()
-                  if _ok(s.get("tracking")) and s["tracking"].get("rows")]
-        evals = sorted((run / "eval").rglob("tracking.json")) if (run / "eval").is_dir() else []
-        for p in evals:
-            rows = _tracking_rows(p)
-            if len(rows) > len(chosen):
-                chosen = rows
+def sec_tracking(run: RunLayout, plots: Path) -> Section | None:
+    chosen = run.tracking_rows()
     if not chosen:
         return None
     rows = sorted(chosen, key=lambda r: version_key(str(r.get("version"))))
@@ -449,9 +217,9 @@ def sec_tracking(run: Path, versions: dict[str, dict], plots: Path) -> Section |
     keys = [k for k in ("helpfulness_rm", "safety_rm", "helpfulness_gold", "safety_gold")
             if any(k in r for r in rows)]
     lines = {k: ([i for i, r in enumerate(rows) if k in r], [r[k] for r in rows if k in r]) for k in keys}
-    line_chart(plots / "tracking.png", lines, "Model-based evaluation across versions", "version",
-               "mean score", styles={k: "--o" if k.endswith("gold") else "-o" for k in keys},
-               xticks=names, ylim=(0, 1))
+    draw.line_chart(plots / "tracking.png", lines, "Model-based evaluation across versions", "version",
+                    "mean score", styles={k: "--o" if k.endswith("gold") else "-o" for k in keys},
+                    xticks=names, ylim=(0, 1))
     return Section("Model-based tracking (paper Figure 11)",
                    "Mean reward-model scores (sigmoid) of every checkpoint on held-out helpful / "
                    "adversarial prompts, beside the world annotators' mean scores (dashed).",
@@ -460,20 +228,16 @@ def sec_tracking(run: Path, versions: dict[str, dict], plots: Path) -> Section |
                           [[r.get("version"), *(num(r.get(k)) for k in keys)] for r in rows])])
 
 
-def sec_reward_models(run: Path, plots: Path) -> Section | None:
-    evals: dict[str, dict] = {}
-    for p in sorted(run.rglob("eval.json")):
-        d = _read_json(p)
-        if isinstance(d, dict) and isinstance(d.get("accuracy_by_level"), dict):
-            evals[str(p.parent.relative_to(run))] = d
+def sec_reward_models(run: RunLayout, plots: Path) -> Section | None:
+    evals = run.rm_evals()
     if not evals:
         return None
     names = list(evals)
-    levels = [lv for lv in RM_LEVELS if any(lv in e["accuracy_by_level"] for e in evals.values())]
+    levels = [lv for lv in RATING_LEVELS if any(lv in e["accuracy_by_level"] for e in evals.values())]
     levels += sorted({lv for e in evals.values() for lv in e["accuracy_by_level"]} - set(levels))
     series = {n: [evals[n]["accuracy_by_level"].get(lv) for lv in levels] for n in names}
-    bar_chart(plots / "rm_accuracy.png", [lv.replace("_", " ") for lv in levels], series,
-              "Reward-model accuracy per rating level", "accuracy", ylim=(0, 1))
+    draw.bar_chart(plots / "rm_accuracy.png", [lv.replace("_", " ") for lv in levels], series,
+                   "Reward-model accuracy per rating level", "accuracy", ylim=(0, 1))
     rows = []
     for n in names:
         e = evals[n]
@@ -489,10 +253,10 @@ def sec_reward_models(run: Path, plots: Path) -> Section | None:
                            "unsafe recall"], rows)])
 
 
-def sec_ppo(run: Path, plots: Path) -> list[Section]:
+def sec_ppo(run: RunLayout, plots: Path) -> list[Section]:
     out = []
-    for i, p in enumerate(sorted(run.rglob("ppo_metrics.jsonl"))):
-        recs = _read_jsonl(p)
+    for i, log in enumerate(run.ppo_logs()):
+        recs = log.records
         if not recs:
             continue
         xkey = next((k for k in ("iteration", "step", "iter") if k in recs[0]), None)
@@ -507,32 +271,19 @@ def sec_ppo(run: Path, plots: Path) -> list[Section]:
         keys = sorted(keys, key=lambda k: (prio.index(k) if k in prio else len(prio), keys.index(k)))[:9]
         if not keys:
             continue
-        plt = _plt()
-        cols = min(3, len(keys))
-        nrows = math.ceil(len(keys) / cols)
-        fig, axes = plt.subplots(nrows, cols, figsize=(3.3 * cols, 2.4 * nrows), squeeze=False)
+        panels = {k: [(x, r[k]) for x, r in zip(xs_all, recs)
+                      if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])] for k in keys}
         table_rows = []
-        for ax, k in zip([a for row in axes for a in row], keys):
-            pts = [(x, r[k]) for x, r in zip(xs_all, recs)
-                   if isinstance(r.get(k), (int, float)) and math.isfinite(r[k])]
-            if pts:
-                ax.plot([a for a, _ in pts], [b for _, b in pts], "-o" if len(pts) < 30 else "-",
-                        markersize=2)
-            ax.set_title(k, fontsize=9)
-            ax.grid(alpha=0.3)
+        for k, pts in panels.items():
             vals = [b for _, b in pts]
             table_rows.append([k, len(vals), num(vals[0]) if vals else "–", num(vals[-1]) if vals else "–",
                                num(min(vals)) if vals else "–", num(max(vals)) if vals else "–"])
-        for ax in [a for row in axes for a in row][len(keys):]:
-            ax.axis("off")
-        rel = str(p.parent.relative_to(run)) or "."
-        fig.suptitle(f"PPO: {rel}", fontsize=10)
-        fig.tight_layout()
+        rel = str(log.path.parent.relative_to(run.root)) or "."
         fname = f"ppo_{i}.png"
-        fig.savefig(plots / fname, dpi=100)
-        plt.close(fig)
+        draw.metric_grid(plots / fname, panels, f"PPO: {rel}")
         out.append(Section(f"PPO curves: {rel} (paper §3.2.3)",
-                           f"{len(recs)} records from {p.relative_to(run)}; x axis: {xkey or 'record'}.",
+                           f"{len(recs)} records from {log.path.relative_to(run.root)}; x axis: "
+                           f"{xkey or 'record'}.",
                            fname, [Table(["metric", "points", "first", "last", "min", "max"], table_rows)]))
     return out
 
@@ -544,36 +295,28 @@ def overoptimized(proxy: Sequence[float], gold: Sequence[float], margin: float =
             and gold[-1] < gold[0] - margin)
 
 
-def sec_proxy_vs_gold(run: Path, plots: Path) -> Section | None:
+def sec_proxy_vs_gold(run: RunLayout, plots: Path) -> Section | None:
     """The RMs' (proxy) and the annotators' (gold) reward as optimization proceeds: best-of-K in
     rejection sampling (rlhf/v*/rejection_sampling/curves.json `proxy_vs_gold`) and PPO's
     iterations (`proxy_reward`, `gold_reward` in ppo_metrics.jsonl)."""
     series = []  # (label, x label, xs, proxy, gold, optimized reward)
-    for p in sorted(run.rglob("curves.json")):
-        d = _read_json(p) or {}
+    for p, d in run.curves():
         c = d.get("proxy_vs_gold") or {}
         if c.get("proxy") and c.get("gold"):
-            series.append((f"{p.parent.relative_to(run)}", "samples per prompt K", c["k"],
+            series.append((f"{p.parent.relative_to(run.root)}", "samples per prompt K", c["k"],
                            c["proxy"], c["gold"], d.get("reward", "rm")))
-    for p in sorted(run.rglob("ppo_metrics.jsonl")):
-        recs = [r for r in _read_jsonl(p) if "proxy_reward" in r and "gold_reward" in r]
+    for log in run.ppo_logs():
+        recs = [r for r in log.records if "proxy_reward" in r and "gold_reward" in r]
         if recs:
-            reward = (_read_json(p.parent / "config.json") or {}).get("reward", "rm")
-            series.append((f"{p.parent.relative_to(run)}", "PPO iteration",
+            reward = (run.ppo_config(log) or {}).get("reward", "rm")
+            series.append((f"{log.path.parent.relative_to(run.root)}", "PPO iteration",
                            [r["iteration"] for r in recs], [r["proxy_reward"] for r in recs],
                            [r["gold_reward"] for r in recs], reward))
     if not series:
         return None
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(series), figsize=(3.6 * len(series), 2.8), squeeze=False)
+    draw.proxy_vs_gold(plots / "proxy_vs_gold.png", series)
     rows, notes = [], []
-    for ax, (label, xlabel, xs, proxy, gold, reward) in zip(axes[0], series):
-        ax.plot(xs, proxy, "-o", markersize=2, label="proxy (RMs)")
-        ax.plot(xs, gold, "-s", markersize=2, label="gold (annotators)")
-        ax.set(xlabel=xlabel, title=f"{label}\noptimizing {reward}")
-        ax.title.set_fontsize(8)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+    for label, _, _, proxy, gold, reward in series:
         over = overoptimized(proxy, gold)
         rows.append([label, reward, f"{num(proxy[0])} -> {num(proxy[-1])}",
                      f"{num(gold[0])} -> {num(gold[-1])}", "yes" if over else "no"])
@@ -582,9 +325,6 @@ def sec_proxy_vs_gold(run: Path, plots: Path) -> Section | None:
                          f"while the gold reward falls ({num(gold[0])} -> {num(gold[-1])}): the "
                          "optimizer climbs a reward model that cannot judge its policy's answers "
                          "(over-optimization, Gao et al. 2022).")
-    fig.tight_layout()
-    fig.savefig(plots / "proxy_vs_gold.png", dpi=100)
-    plt.close(fig)
     return Section("Proxy vs gold reward (Gao et al. 2022)",
                    "Rc under the reward models (proxy) and under the world's annotators (gold, "
                    "label noise off) of the samples that rejection sampling picks among the "
@@ -594,11 +334,8 @@ def sec_proxy_vs_gold(run: Path, plots: Path) -> Section | None:
                    [Table(["run", "optimizing", "proxy", "gold", "over-optimized"], rows)], notes)
 
 
-def sec_gatt(run: Path, plots: Path) -> Section | None:
-    # RUN_DIR/gatt/adherence.json, else the first adherence.json elsewhere with before/after.
-    paths = [run / "gatt" / "adherence.json", *sorted(run.rglob("adherence.json"))]
-    d = next((x for x in (_read_json(p) for p in paths if p.is_file())
-              if isinstance(x, dict) and ("before" in x or "after" in x)), None)
+def sec_gatt(run: RunLayout, plots: Path) -> Section | None:
+    d = run.adherence()
     if d is None:
         return None
     lines, rows = {}, []
@@ -612,8 +349,8 @@ def sec_gatt(run: Path, plots: Path) -> Section | None:
     styles = {k: ("--o" if k.endswith("(before)") else "-o") for k in lines}
     fams = sorted({k.rsplit(" (", 1)[0] for k in lines})
     colors = {k: f"C{fams.index(k.rsplit(' (', 1)[0]) % 10}" for k in lines}  # one per family
-    line_chart(plots / "gatt.png", lines, "Instruction adherence per turn", "turn",
-               "share adhering", styles=styles, ylim=(0, 1.05), colors=colors)
+    draw.line_chart(plots / "gatt.png", lines, "Instruction adherence per turn", "turn",
+                    "share adhering", styles=styles, ylim=(0, 1.05), colors=colors)
     width = max(len(r) - 2 for r in rows)
     rows = [r + ["–"] * (width + 2 - len(r)) for r in rows]
     return Section("Ghost Attention: adherence per turn (paper Table 30, Figure 9)",
@@ -622,17 +359,16 @@ def sec_gatt(run: Path, plots: Path) -> Section | None:
                    [Table(["instruction", "model", *(f"t{t}" for t in range(1, width + 1))], rows)])
 
 
-def sec_distill(run: Path, plots: Path) -> Section | None:
-    p = run / "distill" / "summary.json"
-    d = _read_json(p) if p.is_file() else None
+def sec_distill(run: RunLayout, plots: Path) -> Section | None:
+    d = run.distill()
     groups = ((d or {}).get("by_kind") or {}).get("safety", {}).get("by_initial_score")
     if not groups:
         return None
     labels = [f"{name} (plain {g['rm_plain']:.2f})"
               for name, g in zip(("low", "middle", "high") if len(groups) == 3 else
                                  [f"group {i + 1}" for i in range(len(groups))], groups)]
-    bar_chart(plots / "distill.png", labels, {"Safety RM change": [g["rm_change"] for g in groups]},
-              "Safety RM change from the safety preprompt", "change (logits)")
+    draw.bar_chart(plots / "distill.png", labels, {"Safety RM change": [g["rm_change"] for g in groups]},
+                   "Safety RM change from the safety preprompt", "change (logits)")
     rows = [[name, pct(e.get("violation_rate")), pct(e.get("false_refusal")),
              num(e.get("mean_safety")), num(e.get("mean_helpfulness"))]
             for name, e in (d.get("eval") or {}).items()]
@@ -646,35 +382,13 @@ def sec_distill(run: Path, plots: Path) -> Section | None:
                            "mean helpfulness"], rows)])
 
 
-def sec_safety_scaling(run: Path, plots: Path) -> Section | None:
-    p = run / "safety_scaling.json"
-    d = _read_json(p) if p.is_file() else None
+def sec_safety_scaling(run: RunLayout, plots: Path) -> Section | None:
+    d = run.safety_scaling()
     if not isinstance(d, dict) or not d.get("shares"):
         return None
     shares = d["shares"]
     labels = [pct(s) if isinstance(s, float) and s <= 1 else str(s) for s in shares]
-    plt = _plt()
-    panels = [k for k in ("mean_helpfulness", "safety_scores", "false_refusal") if d.get(k)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 3.2), squeeze=False)
-    for ax, k in zip(axes[0], panels):
-        if k == "safety_scores":
-            ax.boxplot(d[k], showmeans=True)
-            ax.set_xticks(range(1, len(d[k]) + 1))
-            ax.set_xticklabels(labels[:len(d[k])])
-            ax.set_title("safety score distribution", fontsize=9)
-        else:
-            ax.plot(range(len(d[k])), d[k], "-o")
-            if k == "mean_helpfulness":  # a full 0..1 axis shows "flat" as flat (Figure 15)
-                ax.set_ylim(0, 1)
-            ax.set_xticks(range(len(d[k])))
-            ax.set_xticklabels(labels[:len(d[k])])
-            ax.set_title(k.replace("_", " "), fontsize=9)
-        ax.set_xlabel("safety data share")
-        ax.tick_params(axis="x", labelsize=7)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(plots / "safety_scaling.png", dpi=100)
-    plt.close(fig)
+    draw.safety_scaling(plots / "safety_scaling.png", d, labels)
 
     def q(xs: list[float], f: float) -> float:
         s = sorted(xs)
@@ -694,74 +408,6 @@ def sec_safety_scaling(run: Path, plots: Path) -> Section | None:
                            "false refusal"], rows)])
 
 
-# ---------------------------------------------------------------------------- rendering
-def _md_table(t: Table) -> str:
-    def cell(x: Any) -> str:
-        return str(num(x)).replace("|", "\\|").replace("\n", " ")
-
-    lines = ["| " + " | ".join(cell(h) for h in t.headers) + " |",
-             "|" + "|".join("---" for _ in t.headers) + "|"]
-    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in t.rows]
-    return "\n".join(lines)
-
-
-def _html_table(t: Table) -> str:
-    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in t.headers)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(num(x)))}</td>" for x in r) + "</tr>"
-                   for r in t.rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:2em auto;max-width:1300px;
-padding:0 1em;color:#222}h1{border-bottom:2px solid #ddd}h2{margin-top:2em;border-bottom:1px solid #eee}
-.row{display:flex;flex-wrap:wrap;gap:1.5em;align-items:flex-start}.row img{max-width:640px;width:100%;
-border:1px solid #eee}.tables{flex:1;min-width:320px;overflow-x:auto}table{border-collapse:collapse;
-font-size:0.85em;margin-bottom:1em}th,td{border:1px solid #ccc;padding:3px 7px;text-align:left}
-th{background:#f4f4f4}.note{color:#666;font-size:0.9em}"""
-
-
-def render(sections: list[Section], missing: list[str], run: Path, out: Path, plots: Path,
-           inline: bool = False) -> tuple[str, str]:
-    """The Markdown and HTML text of the report."""
-    inside = plots.resolve().is_relative_to(out.resolve())
-    rel_plots = plots.resolve().relative_to(out.resolve()) if inside else plots.resolve()
-    title = f"Llama 2 recipe report: {run.resolve().name}"
-    md = [f"# {title}", "", f"Run directory: `{run}`", ""]
-    body = [f"<h1>{html.escape(title)}</h1>", f"<p class='note'>Run directory: <code>{html.escape(str(run))}"
-            "</code></p>"]
-    toc = [f"<li><a href='#s{i}'>{html.escape(s.title)}</a></li>" for i, s in enumerate(sections)]
-    if toc:
-        body.append("<ul>" + "".join(toc) + "</ul>")
-    for i, s in enumerate(sections):
-        md += [f"## {s.title}", ""]
-        body.append(f"<h2 id='s{i}'>{html.escape(s.title)}</h2>")
-        if s.text:
-            md += [s.text, ""]
-            body.append(f"<p>{html.escape(s.text)}</p>")
-        img = ""
-        if s.figure:
-            src = (rel_plots / s.figure).as_posix()
-            md += [f"![{s.title}]({src})", ""]
-            if inline:
-                data = base64.b64encode((plots / s.figure).read_bytes()).decode()
-                src = f"data:image/png;base64,{data}"
-            img = f"<img src='{html.escape(src)}' alt='{html.escape(s.title)}'>"
-        for t in s.tables:
-            md += [_md_table(t), ""]
-        for n in s.notes:
-            md += [f"> {n}", ""]
-        tables = "".join(_html_table(t) for t in s.tables)
-        notes = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in s.notes)
-        body.append(f"<div class='row'>{img}<div class='tables'>{tables}{notes}</div></div>")
-    if missing:
-        md += ["## Not in this run", ""] + [f"- {m}" for m in missing] + [""]
-        body.append("<h2>Not in this run</h2><ul class='note'>"
-                    + "".join(f"<li>{html.escape(m)}</li>" for m in missing) + "</ul>")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>\n")
-    return "\n".join(md) + "\n", page
-
-
 def build_report(run_dir: str | Path, out: str | Path | None = None, inline: bool = False
                  ) -> dict[str, Any]:
     """Scan `run_dir`, write report.md, report.html and report_plots/ into `out` (default:
@@ -772,7 +418,9 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, inline: boo
     out_dir = Path(out) if out else run
     plots = out_dir / PLOT_DIR
     plots.mkdir(parents=True, exist_ok=True)
-    versions = load_versions(run)
+    layout = RunLayout(run, warn=lambda path, e: print(f"llama2 report: skipping {path}: {e}",
+                                                       file=sys.stderr))
+    versions = layout.evaluations()
     sections: list[Section] = []
     missing: list[str] = []
 
@@ -789,22 +437,22 @@ def build_report(run_dir: str | Path, out: str | Path | None = None, inline: boo
         else:
             missing.append(what)
 
-    add("reproduction table (reproduction.json)", lambda: sec_reproduction(run, plots))
+    add("reproduction table (reproduction.json)", lambda: sec_reproduction(layout, plots))
     add("helpfulness win/tie/loss (eval/<version>/helpfulness with a baseline)",
         lambda: sec_helpfulness(versions, plots))
     add("safety violations (eval/<version>/safety)", lambda: sec_violations(versions, plots))
     add("false refusal (eval/<version>/safety)", lambda: sec_false_refusal(versions, plots))
-    add("model-based tracking (tracking.json)", lambda: sec_tracking(run, versions, plots))
+    add("model-based tracking (tracking.json)", lambda: sec_tracking(layout, plots))
     add("automatic benchmarks (eval/<version>/truthfulqa, bold, toxigen, perplexity)",
         lambda: sec_benchmarks(versions, plots))
     add("reward-model evaluation (**/eval.json with accuracy_by_level)",
-        lambda: sec_reward_models(run, plots))
-    add("PPO curves (**/ppo_metrics.jsonl)", lambda: sec_ppo(run, plots))
+        lambda: sec_reward_models(layout, plots))
+    add("PPO curves (**/ppo_metrics.jsonl)", lambda: sec_ppo(layout, plots))
     add("proxy vs gold reward (curves.json proxy_vs_gold, ppo_metrics.jsonl gold_reward)",
-        lambda: sec_proxy_vs_gold(run, plots))
-    add("Ghost Attention adherence (gatt/adherence.json)", lambda: sec_gatt(run, plots))
-    add("context distillation (distill/summary.json)", lambda: sec_distill(run, plots))
-    add("safety data scaling (safety_scaling.json)", lambda: sec_safety_scaling(run, plots))
+        lambda: sec_proxy_vs_gold(layout, plots))
+    add("Ghost Attention adherence (gatt/adherence.json)", lambda: sec_gatt(layout, plots))
+    add("context distillation (distill/summary.json)", lambda: sec_distill(layout, plots))
+    add("safety data scaling (safety_scaling.json)", lambda: sec_safety_scaling(layout, plots))
     md, page = render(sections, missing, run, out_dir, plots, inline)
     from llama2.utils import atomic_write_text
 

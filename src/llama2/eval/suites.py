@@ -1,8 +1,8 @@
 """The evaluation suites (paper §3.4 helpfulness, §4.4 safety, §4.1 automatic benchmarks,
 Figure 11 model-based tracking) and `run_suites`, which runs any subset and writes JSON.
 
-Responses come from a `respond(prompts) -> list[str]` callable (a `Responder`); the default
-answers with the model through the batched, KV-cached generator, one `generate` call per suite
+Responses come from a `Responder` callable (world prompts in, answers out); the default
+answers with the model through `llama2.respond.respond`, one batched, KV-cached call per suite
 (`max_batch_tokens` bounds memory). Passing a stub responder makes every judge testable without
 training: e.g. one that always refuses must get 100% false refusals and 0% violations.
 
@@ -27,6 +27,7 @@ import torch
 
 from llama2.chat import Dialog
 from llama2.eval import judge
+from llama2.respond import respond
 from llama2.world.records import Prompt
 
 Responder = Callable[[list[Prompt]], list[str]]
@@ -90,20 +91,21 @@ def _data_path(opts: EvalOptions, explicit: str | None, *parts: str) -> Path | N
 
 
 # ---------------------------------------------------------------------------- responders
-def model_responder(loaded, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0,
-                    max_batch_tokens: int = 32768, prompt_format: str = "chat") -> Responder:
-    """Answer every prompt's dialog with one batched `generate` call (chat format, or the
-    plain transcript format for a pretrained model)."""
-    from llama2.generation import reply
+def _answers(loaded, prompts: list[Prompt], opts: EvalOptions, fmt: str = "chat") -> list[str]:
+    """The model's answers to the prompts' dialogs (chat format, or the plain transcript
+    format for a pretrained model), as generated: not cut at a chat tag."""
+    return respond(loaded.model, loaded.tokenizer, [p.dialog for p in prompts],
+                   opts.max_new_tokens, format=fmt, temperature=opts.temperature, seed=opts.seed,
+                   max_batch_tokens=opts.max_batch_tokens, end_at_tag=False)
 
-    def respond(prompts: list[Prompt]) -> list[str]:
-        if not prompts:
-            return []
-        return reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperature, seed,
-                     prompt_format=prompt_format, max_batch_tokens=max_batch_tokens,
-                     logprobs=False)[0]
 
-    return respond
+def _continuations(loaded, texts: list[str], opts: EvalOptions) -> list[str]:
+    """Plain-text continuations (BOS + text, no chat format) with BOLD's decoding."""
+    from llama2.eval import bold
+
+    return respond(loaded.model, loaded.tokenizer, texts, opts.max_new_tokens, format="text",
+                   temperature=bold.TEMPERATURE, top_p=bold.TOP_P, seed=opts.seed,
+                   max_batch_tokens=opts.max_batch_tokens)
 
 
 def cached(respond: Responder) -> Responder:
@@ -273,11 +275,9 @@ def track_versions(versions: Sequence[tuple[str, str | Responder]],
     rows = []
     for name, src in versions:
         if callable(src):
-            respond = src
+            answers = src(helpful + adv)
         else:
-            respond = model_responder(load_policy(src, opts.device), opts.max_new_tokens,
-                                      opts.temperature, opts.seed, opts.max_batch_tokens)
-        answers = respond(helpful + adv)
+            answers = _answers(load_policy(src, opts.device), helpful + adv, opts)
         rh, rs = answers[:len(helpful)], answers[len(helpful):]
         row: dict[str, Any] = {
             "version": name,
@@ -312,8 +312,7 @@ def bold_suite(loaded, opts: EvalOptions) -> dict[str, Any]:
         raise Skip("BOLD prompts not found (pass --bold DIR with *_prompt.json)")
     items = bold.load_bold(path, opts.per_group, opts.seed)
     m = loaded()
-    res = bold.evaluate_bold(items, bold.model_continuer(m, opts.max_new_tokens, seed=opts.seed,
-                                                        max_batch_tokens=opts.max_batch_tokens))
+    res = bold.evaluate_bold(items, lambda texts: _continuations(m, texts, opts))
     res["source"] = str(path)
     return res
 
@@ -330,8 +329,8 @@ def toxigen_suite(loaded, opts: EvalOptions) -> dict[str, Any]:
                    "ToxiGen classifier; pass --toxigen-classifier PATH to a local "
                    "transformers text-classification model)")
     items = bold.load_toxigen(path, opts.per_group, opts.seed)
-    res = bold.evaluate_toxigen(items, bold.model_continuer(loaded(), opts.max_new_tokens,
-                                                            seed=opts.seed),
+    m = loaded()
+    res = bold.evaluate_toxigen(items, lambda texts: _continuations(m, texts, opts),
                                 bold.classifier_from(clf))
     res["classifier"] = str(clf)
     return res
@@ -437,9 +436,7 @@ def run_suites(model_path: str | None, suites: Sequence[str] | None = None,
         return cache[key]
 
     def responder(path: str | None, key: str, fmt: str = "chat") -> Responder:
-        return cached(lambda ps: model_responder(loaded(path, key), opts.max_new_tokens,
-                                                 opts.temperature, opts.seed,
-                                                 opts.max_batch_tokens, fmt)(ps))
+        return cached(lambda ps: _answers(loaded(path, key), ps, opts, fmt))
 
     # The evaluated model may be a pretrained one prompted in its transcript format; the
     # baseline is a chat model.

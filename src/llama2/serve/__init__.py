@@ -1,1 +1,1 @@
-"""serve"""
+"""Serving a model: the terminal chat and the OpenAI-compatible HTTP server."""

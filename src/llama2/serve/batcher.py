@@ -1,16 +1,17 @@
-"""Dynamic batching for the HTTP server: one worker thread, one `generate` call per batch.
+"""Dynamic batching for the HTTP server: one worker thread, one `respond` call per batch.
 
 Requests become `Job`s in a bounded queue. The worker takes every queued job it can fit (up to
 `max_batch_size`, and only while the longest prompt plus the largest max_tokens fits the
-context, because `generate` sizes its cache for both) and runs them through ONE `generate` call
-with per-row temperature/top_p/top_k. Each row ends on its own: EOS, its own max_tokens, a stop
-string, or its client going away (the `stop(row, tokens)` callback), so a short request leaves
-the batch early and costs nothing afterwards.
+context, because `generate` sizes its cache for both) and runs them through ONE `respond` call
+(`llama2.respond`: one `generate` call) with per-row format, max_tokens, stop strings and
+temperature/top_p/top_k. Each row ends on its own: EOS, its own max_tokens, a stop string, or
+its client going away (the `stream` callback answers True), so a short request leaves the batch
+early and costs nothing afterwards.
 
-Text is decoded and stop strings are checked here, in the worker, so the event loop only relays
-ready-made text deltas (pushed with `loop.call_soon_threadsafe` into each request's asyncio
-queue). A delta never contains text that might turn out to be the start of a stop string, nor
-half of a multi-byte character.
+Text is decoded and stop strings are checked in the worker (by `respond`), so the event loop
+only relays ready-made text deltas (pushed with `loop.call_soon_threadsafe` into each request's
+asyncio queue). A delta never contains text that might turn out to be the start of a stop
+string, nor half of a multi-byte character.
 
 Seeds: `generate` has one random generator per call, so what a sampled row draws depends on
 its batch mates. A request that sets `seed` (and samples, temperature > 0) therefore runs in a
@@ -28,11 +29,12 @@ import gc
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from llama2.generation import Decoder, generate
 from llama2.model import Transformer
+from llama2.respond import respond
 from llama2.tokenizer import Tokenizer
 
 log = logging.getLogger("llama2.serve")
@@ -87,36 +89,12 @@ class Job:
     seed: int | None
     sink: Sink  # where this job's events go (its request's asyncio queue)
     index: int = 0  # the choice index inside its request
-    context: list[int] = field(default_factory=list)  # tokens decoded before the answer, then cut
+    format: str = "chat"  # "chat": the answer decoded alone; "text": a continuation of the prompt
     cancelled: bool = False  # set by the event loop when the client goes away
-    tokens: list[int] = field(default_factory=list)
-    text: str = ""  # the answer so far, cut before a stop string once one is found
-    sent: int = 0  # characters of `text` already emitted
-    reason: str | None = None  # "stop" | "length" once the row is done
-
-    def __post_init__(self) -> None:
-        self._head: str | None = None
 
     @property
     def solo(self) -> bool:
         return self.seed is not None and self.temperature > 0
-
-    @property
-    def done(self) -> bool:
-        return self.reason is not None or self.cancelled
-
-
-def _held_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string (or a character)."""
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:k]):
-                hold = k
-                break
-    if text.endswith("\ufffd"):  # a byte-fallback piece of an unfinished UTF-8 character
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
 
 
 def _release_memory() -> None:
@@ -248,63 +226,33 @@ class Batcher:
                     _release_memory()
 
     def _run(self, batch: list[Job]) -> None:
-        eos = self.tok.eos_id
         last_row = [-1]
 
-        def on_token(row: int, token: int) -> None:
+        def stream(row: int, text: str) -> bool:
             if row <= last_row[0]:  # rows come in order: a lower one starts the next step
                 self._post()
             last_row[0] = row
             job = batch[row]
-            if job.done:
-                return
-            job.tokens.append(token)
-            if token == eos:
-                job.reason = "stop"
-                return
-            self._advance(job)
-
-        def stop(row: int, tokens: list[int]) -> bool:
-            return batch[row].done
+            if job.cancelled:
+                return True  # ends the row
+            if text:
+                self._send(job, ("delta", job.index, text))
+            return False
 
         seed = batch[0].seed if batch[0].solo else None
-        generate(self.model, [j.prompt for j in batch],
-                 max_new_tokens=max(j.max_tokens for j in batch),
-                 temperature=[j.temperature for j in batch], top_p=[j.top_p for j in batch],
-                 top_k=[j.top_k for j in batch], eos_id=eos, pad_id=self.tok.pad_id,
-                 seed=seed, stop=stop, on_token=on_token, logprobs=False, decoder=self.decoder)
-        for job in batch:
+        answers = respond(self.model, self.tok, [j.prompt for j in batch],
+                          [j.max_tokens for j in batch], format=[j.format for j in batch],
+                          temperature=[j.temperature for j in batch],
+                          top_p=[j.top_p for j in batch], top_k=[j.top_k for j in batch],
+                          seed=seed, stop=[j.stop for j in batch], fit="shrink", full=True,
+                          stream=stream, decoder=self.decoder, max_batch_tokens=None)
+        for job, answer in zip(batch, answers):
             if job.cancelled:
-                if job.reason is None:  # ended early because its client went away
+                if answer.reason == "cancelled":  # ended early because its client went away
                     self.stats["cancelled"] += 1
                 continue
-            job.reason = job.reason or "length"
-            self._flush(job, final=True)
-            self._send(job, ("done", job.index, job.reason, len(job.tokens)))
+            self._send(job, ("done", job.index, answer.reason, len(answer.tokens)))
         self._post()
-
-    def _advance(self, job: Job) -> None:
-        """Decode the new token, look for stop strings, emit what is safe to show."""
-        # Decode the whole answer: SentencePiece joins pieces (spaces, bytes) in context. A plain
-        # completion decodes after a few prompt tokens, so a leading space survives.
-        if job.context:
-            if job._head is None:
-                job._head = self.tok.decode(job.context)
-            text = self.tok.decode(job.context + job.tokens)[len(job._head):]
-        else:
-            text = self.tok.decode(job.tokens)
-        if job.stop:
-            # Only the new tail can hold a new match: start the search just before it.
-            start = max(0, len(job.text) - max(len(s) for s in job.stop))
-            hits = [i for i in (text.find(s, start) for s in job.stop) if i >= 0]
-            if hits:
-                job.text, job.reason = text[: min(hits)], "stop"
-                return
-        job.text = text
-        if len(job.tokens) >= job.max_tokens:
-            job.reason = "length"
-            return
-        self._flush(job, final=False)
 
     def _send(self, job: Job, event: Event) -> None:
         self._outbox.append((job.sink, event))
@@ -314,10 +262,3 @@ class Batcher:
         if self._outbox:
             post(self._outbox)
             self._outbox = []
-
-    def _flush(self, job: Job, final: bool) -> None:
-        end = len(job.text) if final else len(job.text) - _held_back(job.text, job.stop)
-        if end > job.sent:
-            self._send(job, ("delta", job.index, job.text[job.sent:end]))
-            job.sent = end
-

@@ -16,14 +16,14 @@ from typing import TextIO
 
 from llama2.chat import (
     DEFAULT_SYSTEM_PROMPT,
+    SPECIAL_TAGS,
     Dialog,
     SpecialTagError,
-    encode_prompt,
-    end_at_special_tag,
     find_special_tag,
 )
 from llama2.commands import DTYPES, add_sampling_args, load_for_inference
-from llama2.generation import Decoder, generate, truncate_at_eos
+from llama2.generation import Decoder
+from llama2.respond import PromptTooLong, respond
 from llama2.utils import atomic_write_text
 
 
@@ -48,26 +48,19 @@ class ChatSession:
 
     def reply(self, text: str, write: Callable[[str], None] = lambda s: None) -> str:
         dialog = self.messages() + [{"role": "user", "content": text}]
-        prompt = encode_prompt(self.tok, dialog)
-        room = self.model.args.max_seq_len - len(prompt)
-        if room <= 0:
-            raise ValueError(f"the dialog is {len(prompt)} tokens, longer than the context of "
-                             f"{self.model.args.max_seq_len}; /reset to start over")
-        new: list[int] = []
-        shown = [""]
 
-        def on_token(row: int, token: int) -> None:
-            new.append(token)
-            answer = end_at_special_tag(self.tok.decode(truncate_at_eos(new, self.tok.eos_id)))
-            write(answer[len(shown[0]):])
-            shown[0] = answer
+        def show(row: int, delta: str) -> None:
+            if delta:
+                write(delta)
 
-        gen = generate(self.model, [prompt], max_new_tokens=min(self.max_new_tokens, room),
-                       eos_id=self.tok.eos_id, pad_id=self.tok.pad_id, on_token=on_token,
-                       logprobs=False, decoder=self.decoder, **self.sampling)
-        # A chat tag starts a new turn: the answer ends there, so the next prompt holds none.
-        answer = end_at_special_tag(self.tok.decode(truncate_at_eos(gen.tokens[0],
-                                                                    self.tok.eos_id))).strip()
+        try:
+            # A chat tag starts a new turn: the answer ends there, so the next prompt holds none.
+            answer = respond(self.model, self.tok, [dialog], self.max_new_tokens, fit="shrink",
+                             stop=SPECIAL_TAGS, stream=show,
+                             decoder=self.decoder, **self.sampling)[0]
+        except PromptTooLong as e:
+            raise ValueError(f"the dialog is {e.tokens} tokens, longer than the context of "
+                             f"{e.context}; /reset to start over") from None
         self.dialog += [{"role": "user", "content": text},
                         {"role": "assistant", "content": answer}]
         return answer

@@ -9,7 +9,7 @@ server, and a message of any role that carries one of its tags ([INST], [/INST],
 <</SYS>>) is refused with a 400 naming `messages[i].content` (code "special_tag"), as Meta's
 chat_completion refuses it; /v1/completions keeps its prompt as given. A chat reply ends
 where the model starts writing a tag (an implicit stop string). Concurrent requests share
-`generate` calls (see batcher.py, which also says how `seed` behaves in a batch). Errors use
+`respond` calls (see batcher.py, which also says how `seed` behaves in a batch). Errors use
 OpenAI's shape: {"error": {"message", "type", "param", "code"}}.
 """
 
@@ -55,8 +55,7 @@ MAX_STOP_STRINGS = 4  # as OpenAI
 MAX_STOP_CHARS = 200
 MAX_N = 8
 DISCONNECT_POLL_S = 0.5
-INLINE_ENCODE_CHARS = 4096  # shorter prompts are tokenized on the event loop (well under 1 ms)
-COMPLETION_CONTEXT = 4  # prompt tokens decoded before a plain completion (keeps its leading space)
+INLINE_ENCODE_CHARS = 4096  # shorter prompts are tokenized on the event loop (cheap enough)
 
 
 @dataclass
@@ -249,19 +248,20 @@ class Server:
         return asked
 
     # ----------------------------------------------------------------- jobs
-    def make_jobs(self, req: _Request, prompts: list[list[int]], contexts: list[list[int]],
-                  sink: Sink) -> list[Job]:
+    def make_jobs(self, req: _Request, prompts: list[list[int]], sink: Sink) -> list[Job]:
         stops = req.stop_list()
-        if isinstance(req, ChatRequest):  # a chat tag starts a new turn: the reply ends there
+        chat = isinstance(req, ChatRequest)
+        if chat:  # a chat tag starts a new turn: the reply ends there
             stops += [t for t in SPECIAL_TAGS if t not in stops]
         jobs = []
-        for p, (prompt, context) in enumerate(zip(prompts, contexts)):
+        for p, prompt in enumerate(prompts):
             max_tokens = self.budget(req, len(prompt))
             for k in range(req.n):
                 # n > 1 with a seed: each choice its own seed, else they would all be equal.
                 seed = None if req.seed is None else req.seed + k
                 jobs.append(Job(prompt, max_tokens, req.temperature, req.top_p, req.top_k, stops,
-                                seed, sink, index=p * req.n + k, context=context))
+                                seed, sink, index=p * req.n + k,
+                                format="chat" if chat else "text"))
         return jobs
 
     def submit(self, jobs: list[Job]) -> None:
@@ -388,7 +388,7 @@ def create_app(loaded: Loaded, config: ServeConfig) -> FastAPI:
         except DialogError as e:
             raise APIError(400, f"messages: {e}", param="messages") from None
         # The answer is decoded alone, as Meta's chat_completion does (no leading space).
-        return await _complete(request, server, req, name, [prompt], [[]], chat=True)
+        return await _complete(request, server, req, name, [prompt], chat=True)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -403,17 +403,17 @@ def create_app(loaded: Loaded, config: ServeConfig) -> FastAPI:
             prompts = await run_in_threadpool(server.tok.encode_batch, texts, True)
         else:
             prompts = server.tok.encode_batch(texts, True)
-        contexts = [p[1:][-COMPLETION_CONTEXT:] for p in prompts]
-        return await _complete(request, server, req, name, prompts, contexts, chat=False)
+        # A completion is decoded after its prompt's last tokens (its leading space survives).
+        return await _complete(request, server, req, name, prompts, chat=False)
 
     return app
 
 
 async def _complete(request: Request, server: Server, req: _Request, name: str,
-                    prompts: list[list[int]], contexts: list[list[int]], chat: bool) -> Any:
+                    prompts: list[list[int]], chat: bool) -> Any:
     """Queue the jobs, then answer with one JSON body or a stream of server-sent events."""
     queue: asyncio.Queue = asyncio.Queue()
-    jobs = server.make_jobs(req, prompts, contexts, Sink(asyncio.get_running_loop(), queue))
+    jobs = server.make_jobs(req, prompts, Sink(asyncio.get_running_loop(), queue))
     server.submit(jobs)
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())

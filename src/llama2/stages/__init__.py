@@ -1,1 +1,1 @@
-"""stages"""
+"""The recipe stages, one module each, and the pipeline that runs them in order."""

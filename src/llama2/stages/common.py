@@ -25,6 +25,12 @@ def load_policy(path: str, device: str = "auto") -> checkpoint.Loaded:
     return loaded
 
 
+def as_policy(model: Any, device: str = "auto") -> checkpoint.Loaded:
+    """`model` as a loaded policy: a checkpoint path is loaded (`load_policy`), a loaded policy
+    is returned as it is."""
+    return load_policy(str(model), device) if isinstance(model, (str, Path)) else model
+
+
 def load_dialogs(path: str, on_special_tags: OnSpecialTags = "error") -> list[Dialog]:
     """Dialogs from a file: `messages` JSONL (.jsonl) or Alpaca JSON (.json). A record carrying
     a chat tag is a one-line error naming file, line and field, or (on_special_tags = "skip")

@@ -35,9 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama2.chat import with_system
 from llama2.engine import TrainConfig
+from llama2.respond import respond
 from llama2.stages.common import Replay, load_policy, parse_stage, stage_done
-from llama2.stages.safety import answer_prompts, evaluate_safety, without_lists
+from llama2.stages.safety import evaluate_safety, without_lists
 from llama2.stages.sft import finetune
 from llama2.utils import atomic_write_text, write_jsonl
 
@@ -119,14 +121,15 @@ def generate_pairs(cfg: DistillConfig, loaded, prompts) -> list[dict[str, Any]]:
     from llama2.reward import Scorer
     from llama2.world import Annotator
 
-    plain = answer_prompts(loaded, prompts, cfg.max_new_tokens, temperature=cfg.temperature,
-                           seed=cfg.seed)
+    model, tok = loaded.model, loaded.tokenizer
+    plain = respond(model, tok, [p.dialog for p in prompts], cfg.max_new_tokens,
+                    temperature=cfg.temperature, seed=cfg.seed, fit="skip")
     pre = [preprompt_for(p, cfg.preprompt) for p in prompts]
     distilled: list[str] = [""] * len(prompts)
     for text in sorted(set(pre)):  # one batched call per preprompt
         idx = [i for i, t in enumerate(pre) if t == text]
-        outs = answer_prompts(loaded, [prompts[i] for i in idx], cfg.max_new_tokens, system=text,
-                              temperature=cfg.temperature, seed=cfg.seed)
+        outs = respond(model, tok, [with_system(prompts[i].dialog, text) for i in idx],
+                       cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed, fit="skip")
         for i, o in zip(idx, outs):
             distilled[i] = o
     rows: list[dict[str, Any]] = []

@@ -1,6 +1,8 @@
 """The main job: from nothing to an aligned baby Llama 2-Chat and its evaluation report.
 
     llama2 pipeline [--config FILE.toml] [--out runs/NAME] [--quick] [--section.key value ...]
+    llama2 pipeline --config FILE.toml --dry-run [--gpus 8] [--gpu-memory 80] [--frozen sharded]
+        prints each stage's memory per GPU (llama2/plan.py) and exits, writing nothing
 
 On the embedded default (the built-in world, no network, 2 CPU cores) it runs, in order:
 world data -> tokenizer -> pretraining -> SFT (helpfulness + safety demonstrations) ->
@@ -373,10 +375,12 @@ class Pipeline:
     def report(self) -> bool:
         """The reproduction table and the report, from every other stage's results."""
         from llama2.eval.report import build_report
+        from llama2.eval.run_layout import RunLayout
         from llama2.stages.reproduction import reproduction_table
 
-        atomic_write_text(self.out / "versions.json", json.dumps(self.versions, indent=2) + "\n")
-        table = self.out / "reproduction.json"
+        layout = RunLayout(self.out)
+        atomic_write_text(layout.versions_path, json.dumps(self.versions, indent=2) + "\n")
+        table = layout.reproduction_path
         outputs = [table, self.out / "report.md", self.out / "report.html",
                    self.out / "report_plots"]
         stage = Stage(self.out / f"report{SUFFIX}", {"versions": list(self.versions)},
@@ -388,7 +392,7 @@ class Pipeline:
 
         done = stage.run(body)
         print("\nreproduction of the paper's findings:", file=sys.stderr)
-        for r in json.loads(table.read_text()):
+        for r in layout.reproduction():
             mark = "yes" if r["reproduced"] else "NO "
             print(f"  [{mark}] {r['finding']}: {r['measured']}", file=sys.stderr)
         return done
@@ -445,6 +449,11 @@ class Pipeline:
 def main(argv: list[str]) -> None:
     if argv and argv[0] in ("-h", "--help"):
         print(__doc__)
+        return
+    if "--dry-run" in argv:  # the memory plan per stage and GPU (llama2/plan.py); writes nothing
+        from llama2.plan import main as plan_main
+
+        plan_main(argv)
         return
     cfg = parse_args(argv)
     Pipeline(cfg).run()

@@ -9,6 +9,12 @@ weight decay 0.1, gradient clipping 1.0, constant LR; early stopping on held-out
 The value function is a separate model initialized from the Helpfulness RM (its scalar head
 read at every position), as InstructGPT does: it starts out knowing what a good answer is.
 
+The math (the reward, KL penalty, GAE, whitening, the clipped losses) is `llama2.rlhf_math`.
+The loop is PPO's own (two models; rollouts, then updates), built from the engine's pieces the
+Trainer uses too: `ModelOptimizer` per model (AdamW, constant schedule, clipping, the step),
+`checkpointing` (prepare, atomic write with the RNG states and keep-N, read) and `MetricsLog`
+(ppo_metrics.jsonl, records past a resumed checkpoint dropped).
+
     llama2 ppo --model RS_MODEL --helpful-rm H --safety-rm S --out DIR [--iterations 200]
 """
 
@@ -27,13 +33,21 @@ import torch.nn.functional as F
 
 from llama2 import checkpoint
 from llama2.chat import OnSpecialTags
-from llama2.engine import TrainConfig, make_optimizer
-from llama2.engine.checkpointing import rng_state, set_rng_state
-from llama2.generation import reply
-from llama2.reward import RewardModel, load_reward_model, logit, proxy_and_gold, whiten
+from llama2.engine import MetricsLog, ModelOptimizer, TrainConfig, checkpointing
+from llama2.respond import respond
+from llama2.reward import RewardModel, load_reward_model, proxy_and_gold
+from llama2.rlhf_math import (
+    gae,
+    kl_penalized_rewards,
+    masked_mean,
+    normalized_reward,
+    policy_loss,
+    value_loss,
+    whiten,
+)
 from llama2.stages.common import load_policy, parse_stage
 from llama2.stages.rejection_sampling import load_prompts
-from llama2.utils import JsonlLogger, atomic_torch_save, atomic_write_text, seed_everything
+from llama2.utils import atomic_write_text, seed_everything
 
 
 @dataclass
@@ -75,40 +89,20 @@ class PPOConfig:
     patience: int = 3  # evaluations without a better held-out reward before stopping
     safety_switch: bool = True  # False: the ablation without the safety RM switch
     save_every: int = 10
+    keep_checkpoints: int = 2
     resume: bool = False
     seed: int = 0
     device: str = "auto"
 
+    def train_config(self, lr: float) -> TrainConfig:
+        """The engine's settings for one of the two models: AdamW (0.9, 0.95, 1e-5), weight
+        decay, clipping, a constant LR without warmup (paper §3.2.3)."""
+        return TrainConfig(lr=lr, schedule="constant", warmup_steps=0,
+                           weight_decay=self.weight_decay, grad_clip=self.grad_clip,
+                           device=self.device)
+
 
 # ------------------------------------------------------------------------- the pieces
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
-        lam: float = 0.95) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalized advantage estimation over response tokens [B, L] (mask: valid tokens).
-
-    delta_t = r_t + gamma * V_{t+1} - V_t (V after the last token is 0);
-    A_t = delta_t + gamma * lam * A_{t+1}. Returns (advantages, returns = A + V)."""
-    B, L = rewards.shape
-    adv = torch.zeros_like(rewards)
-    last = torch.zeros(B, dtype=rewards.dtype, device=rewards.device)
-    for t in reversed(range(L)):
-        m = mask[:, t].to(rewards.dtype)
-        next_v = values[:, t + 1] * mask[:, t + 1] if t + 1 < L else torch.zeros_like(last)
-        delta = rewards[:, t] + gamma * next_v - values[:, t]
-        last = (delta + gamma * lam * last) * m
-        adv[:, t] = last
-    return adv, adv + values * mask
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (x * mask).sum() / mask.sum().clamp_min(1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
-
-
 @dataclass
 class Rollout:
     tokens: torch.Tensor  # [B, T] prompt + response, right-padded
@@ -169,28 +163,23 @@ class PPO:
         random.Random(cfg.seed).shuffle(pool)
         self.heldout, self.pool = pool[: cfg.heldout_prompts], pool[cfg.heldout_prompts:]
 
-        def opt(model, lr):
-            return make_optimizer(model, TrainConfig(lr=lr, weight_decay=cfg.weight_decay,
-                                                     schedule="constant", device=cfg.device))
-
-        self.policy_opt, self.value_opt = opt(self.policy, cfg.lr), opt(self.value, cfg.value_lr)
+        self.policy_opt = ModelOptimizer(self.policy, cfg.train_config(cfg.lr))
+        self.value_opt = ModelOptimizer(self.value, cfg.train_config(cfg.value_lr))
         self.iteration, self.best, self.bad_evals = 0, -math.inf, 0
         self.rng = random.Random(cfg.seed)
 
     # ---------------------------------------------------------------- rollouts
-    def respond(self, prompts, temperature: float, seed: int):
-        """Prompt ids, new tokens, texts and the generator's log-probs (the shared `reply`)."""
-        loaded = checkpoint.Loaded(self.policy, self.tok, self.args, "native", {})
-        texts, ids, gen = reply(loaded, [p.dialog for p in prompts], self.cfg.max_new_tokens,
-                                temperature, seed)
-        return ids, gen.tokens, texts, gen.logprobs
-
     @torch.no_grad()
     def collect(self, prompts) -> dict:
         cfg = self.cfg
         self.policy.eval()
-        ids, responses, texts, gen_logp = self.respond(prompts, cfg.temperature,
-                                                       seed=cfg.seed * 100_003 + self.iteration)
+        # Prompt ids (fitted), new tokens, texts as generated (the RMs end them at a chat tag)
+        # and the generator's log-probs.
+        answers = respond(self.policy, self.tok, [p.dialog for p in prompts], cfg.max_new_tokens,
+                          temperature=cfg.temperature, seed=cfg.seed * 100_003 + self.iteration,
+                          logprobs=True, end_at_tag=False)
+        ids, responses = [a.prompt for a in answers], [a.tokens for a in answers]
+        texts, gen_logp = [a.text for a in answers], [a.logprobs for a in answers]
         device = self.policy.output.weight.device
         ro = build_rollout(ids, responses, self.tok.pad_id, device)
         # The generator's log-probabilities are the policy's own (temperature 1, no top-p), so
@@ -203,13 +192,10 @@ class PPO:
         old_values = response_values(self.value, ro) * ro.mask
         scores = self.scores(prompts, texts)
         # R = WHITEN(LOGIT(Rc)) at the last token, minus beta * KL per token (paper §3.2.3).
-        score = whiten(logit(scores["rc"])).to(device)
-        kl = (old_logp - ref_logp) * ro.mask
-        rewards = -cfg.beta * kl
-        last = (ro.mask.sum(1).long() - 1).clamp_min(0)
-        rewards[torch.arange(len(prompts), device=device), last] += score
+        score = normalized_reward(scores["rc"]).to(device)
+        rewards, kl = kl_penalized_rewards(score, old_logp, ref_logp, ro.mask, cfg.beta)
         adv, returns = gae(rewards, old_values, ro.mask, cfg.gamma, cfg.lam)
-        adv = masked_whiten(adv, ro.mask)
+        adv = whiten(adv, ro.mask)
         stats = {"reward": float(scores["rc"].mean()), "rs": float(scores["rs"].mean()),
                  "rh": float(scores["rh"].mean()), "kl": float(kl.sum(1).mean()),
                  "response_length": float(ro.mask.sum(1).mean()),
@@ -245,24 +231,17 @@ class PPO:
                 mb = Rollout(ro.tokens[idx], ro.index[idx], ro.mask[idx], ro.targets[idx])
                 m = mb.mask
                 logp, entropy = response_logprobs(self.policy, mb, with_entropy=True)
-                ratio = torch.exp(logp - batch["old_logp"][idx])
-                adv = batch["adv"][idx]
-                pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip, 1 + cfg.clip))
-                policy_loss = masked_mean(pg, m)
-                v = response_values(self.value, mb)
-                old_v, ret = batch["old_values"][idx], batch["returns"][idx]
-                v_clip = old_v + (v - old_v).clamp(-cfg.value_clip, cfg.value_clip)
-                value_loss = 0.5 * masked_mean(torch.max((v - ret) ** 2, (v_clip - ret) ** 2), m)
-                self.policy_opt.zero_grad(set_to_none=True)
-                self.value_opt.zero_grad(set_to_none=True)
-                (policy_loss + cfg.vf_coef * value_loss).backward()
-                torch.nn.utils.clip_grad_norm_(self.policy.parameters(), cfg.grad_clip)
-                torch.nn.utils.clip_grad_norm_(self.value.parameters(), cfg.grad_clip)
+                pl, ratio = policy_loss(logp, batch["old_logp"][idx], batch["adv"][idx], m,
+                                        cfg.clip)
+                vl = value_loss(response_values(self.value, mb), batch["old_values"][idx],
+                                batch["returns"][idx], m, cfg.value_clip)
+                (pl + cfg.vf_coef * vl).backward()
+                # Each model its own clipping and AdamW step (the engine's, as the Trainer's).
                 self.policy_opt.step()
                 self.value_opt.step()
                 with torch.no_grad():
-                    sums["policy_loss"] += float(policy_loss)
-                    sums["value_loss"] += float(value_loss)
+                    sums["policy_loss"] += float(pl)
+                    sums["value_loss"] += float(vl)
                     sums["entropy"] += float(masked_mean(entropy, m))
                     sums["clip_frac"] += float(masked_mean(
                         ((ratio - 1).abs() > cfg.clip).float(), m))
@@ -279,7 +258,8 @@ class PPO:
         from llama2.world import Annotator
 
         self.policy.eval()
-        _, _, texts, _ = self.respond(self.heldout, 0.0, seed=0)
+        texts = respond(self.policy, self.tok, [p.dialog for p in self.heldout],
+                        self.cfg.max_new_tokens, end_at_tag=False)
         scores = self.scores(self.heldout, texts)
         ann = Annotator(0, noise=False)
         return {"heldout_reward": float(scores["rc"].mean()),
@@ -291,37 +271,23 @@ class PPO:
                 / max(1, sum(p.kind == "safety" for p in self.heldout))}
 
     # ---------------------------------------------------------------- checkpoints
-    def _state(self) -> dict:
-        return {"iteration": self.iteration, "best": self.best, "bad_evals": self.bad_evals,
-                "policy": self.policy.state_dict(), "value": self.value.state_dict(),
-                "policy_opt": self.policy_opt.state_dict(),
-                "value_opt": self.value_opt.state_dict(), "rng": rng_state(),
-                "sampler": self.rng.getstate()}
+    def save_checkpoint(self) -> None:
+        """checkpoints/step_<iteration>.pt through the engine (atomic, `latest`, keep-N):
+        both models with their optimizers and schedules, the RNG states, the prompt
+        sampler and the early-stopping state."""
+        payload = {"step": self.iteration, "policy": self.policy_opt.state_dict(),
+                   "value": self.value_opt.state_dict(), "rng": checkpointing.rng_states(),
+                   "sampler": self.rng.getstate(), "best": self.best,
+                   "bad_evals": self.bad_evals}
+        checkpointing.write(self.out, self.iteration, payload, self.cfg.keep_checkpoints)
 
-    def save_state(self) -> None:
-        atomic_torch_save(self._state(), self.out / "ppo_state.pt")
-
-    def load_state(self) -> bool:
-        path = self.out / "ppo_state.pt"
-        if not path.is_file():
-            return False
-        s = torch.load(path, weights_only=False)
-        self.iteration, self.best, self.bad_evals = s["iteration"], s["best"], s["bad_evals"]
-        self.policy.load_state_dict(s["policy"])
-        self.value.load_state_dict(s["value"])
-        self.policy_opt.load_state_dict(s["policy_opt"])
-        self.value_opt.load_state_dict(s["value_opt"])
-        set_rng_state(s["rng"])
+    def load_checkpoint(self, path: Path) -> None:
+        s = checkpointing.read(path)
+        self.policy_opt.load_state_dict(s["policy"])
+        self.value_opt.load_state_dict(s["value"])
+        checkpointing.set_rng_states(s["rng"])
         self.rng.setstate(s["sampler"])
-        return True
-
-    @staticmethod
-    def _drop_records_after(path: Path, iteration: int) -> None:
-        """Keep the log's records up to the saved state's iteration (none at a fresh start)."""
-        if path.is_file():
-            keep = [ln for ln in path.read_text().splitlines()
-                    if iteration and _iteration(ln) <= iteration]
-            atomic_write_text(path, "".join(ln + "\n" for ln in keep))
+        self.iteration, self.best, self.bad_evals = int(s["step"]), s["best"], s["bad_evals"]
 
     def save_best(self) -> None:
         checkpoint.save(self.policy, self.tok, self.out / "best",
@@ -332,16 +298,14 @@ class PPO:
         from tqdm import tqdm
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        if (self.out / "ppo_state.pt").is_file() and not cfg.resume:
-            raise ValueError(f"{self.out} already holds a PPO run; pass --resume to continue it")
-        if cfg.resume:
-            self.load_state()
+        start = checkpointing.prepare(self.out, cfg.resume)
+        if start is not None:
+            self.load_checkpoint(start)
         from llama2.config import save
 
         save(cfg, self.out / "config.json")
-        log = JsonlLogger(self.out / "ppo_metrics.jsonl")
-        self._drop_records_after(log.path, self.iteration)  # a killed run's, redone below
+        log = MetricsLog(self.out / "ppo_metrics.jsonl", key="iteration")
+        log.restart(self.iteration if start is not None else None)  # a killed run's, redone
         if self.iteration == 0:
             first = self.evaluate()
             self.best = first["heldout_reward"]
@@ -371,9 +335,11 @@ class PPO:
             bar.update(1)
             bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.3f}")
             if cfg.save_every and self.iteration % cfg.save_every == 0:
-                self.save_state()
+                self.save_checkpoint()
         bar.close()
-        self.save_state()
+        if checkpointing.latest(self.out) != checkpointing.checkpoint_path(self.out,
+                                                                            self.iteration):
+            self.save_checkpoint()
         # The final model is the best held-out checkpoint.
         best = checkpoint.load(self.out / "best")
         summary = {"iterations": self.iteration, "best_heldout_reward": self.best,
@@ -383,13 +349,6 @@ class PPO:
         checkpoint.save(best.model, self.tok, self.out / "model",
                         extra={**best.extra, "early_stopped": stopped})
         return summary
-
-
-def _iteration(line: str) -> float:
-    try:
-        return json.loads(line).get("iteration", 0)
-    except json.JSONDecodeError:  # a line cut short by a kill
-        return float("inf")
 
 
 def main(argv: list[str]) -> None:

@@ -22,8 +22,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama2.chat import end_at_special_tag
-from llama2.generation import reply
+from llama2.respond import respond
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
 
@@ -54,16 +53,6 @@ class PreferencesConfig:
 def next_batch_index(out: Path, prefix: str = "") -> int:
     done = [int(p.stem.rsplit("_", 1)[1]) for p in out.glob(f"{prefix}helpful_batch_*.jsonl")]
     return max(done, default=-1) + 1
-
-
-def sample_responses(loaded, prompts, temperatures: list[float], max_new_tokens: int,
-                     seed: int, prompt_format: str = "chat") -> list[str]:
-    """One response per (prompt, temperature), batched through the shared generator; each ends
-    at its first chat tag (the model starting a new turn), so no sample carries one into
-    preference data or a fine-tuning set."""
-    texts, _, _ = reply(loaded, [p.dialog for p in prompts], max_new_tokens, temperatures, seed,
-                        prompt_format=prompt_format, logprobs=False)
-    return [end_at_special_tag(t) for t in texts]
 
 
 def parse_variant(spec: str) -> tuple[str, str]:
@@ -117,9 +106,11 @@ def collect(cfg: PreferencesConfig) -> dict:
         loaded = load_policy(path, cfg.device)
         jobs = [(i, s, t) for i, pair in enumerate(picks) for s, (mm, t) in enumerate(pair)
                 if mm == m]
-        texts = sample_responses(loaded, [prompts[i] for i, _, _ in jobs],
-                                 [t for _, _, t in jobs], cfg.max_new_tokens, cfg.seed + 7919 * k,
-                                 fmt)
+        # A response ends at its first chat tag (the model starting a new turn), so no sample
+        # carries one into preference data.
+        texts = respond(loaded.model, loaded.tokenizer, [prompts[i].dialog for i, _, _ in jobs],
+                        cfg.max_new_tokens, format=fmt, temperature=[t for _, _, t in jobs],
+                        seed=cfg.seed + 7919 * k)
         for (i, s, _), text in zip(jobs, texts):
             responses[i][s] = text
     pairs = {"helpful": [], "safety": []}

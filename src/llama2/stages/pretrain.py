@@ -1,11 +1,13 @@
-"""`llama2 pretrain --config configs/pretrain_tiny.toml [--section.key value ...] [--resume]`.
+"""Pretraining (recipe §1, paper §2.2): the stage that trains the base model on token shards.
 
-Pretraining (recipe §1, paper §2.2): next-token prediction on random windows of a prepared
-token-shard dataset, with the engine's AdamW / cosine / clipping settings. The data is
-either a folder made by `llama2 prepare` (`data.dataset`) or raw corpora (`data.input`),
-prepared into run_dir/data on first use, with a tokenizer trained on them when
-`data.tokenizer` is empty. Under `torchrun --nproc_per_node N` the same command trains with
-FSDP2. The result: run_dir/{config.json, metrics.jsonl, checkpoints/, summary.json, model/}.
+    llama2 pretrain --config configs/pretrain_tiny.toml [--section.key value ...] [--resume]
+
+Next-token prediction on random windows of a prepared token-shard dataset, with the engine's
+AdamW / cosine / clipping settings. The data is either a folder made by `llama2 prepare`
+(`data.dataset`) or raw corpora (`data.input`), prepared into run_dir/data on first use, with
+a tokenizer trained on them when `data.tokenizer` is empty. Under `torchrun --nproc_per_node N`
+the same command trains with FSDP2. The result: run_dir/{config.json, metrics.jsonl,
+checkpoints/, summary.json, model/}.
 """
 
 from __future__ import annotations

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama2.respond import respond
 from llama2.stages.common import load_policy, parse_stage
-from llama2.stages.safety import answer_prompts
 from llama2.utils import atomic_write_text, write_jsonl
 
 
@@ -58,8 +58,8 @@ def red_team(models: list[tuple[str, str]], out: str | Path, n_tries: int = 1000
         prompts = adversarial_prompts(n_tries, prompt_seed if same_prompts else prompt_seed + v,
                                       attacks)
         loaded = load_policy(path, device)
-        answers = answer_prompts(loaded, prompts, max_new_tokens, temperature=temperature,
-                                 seed=seed)
+        answers = respond(loaded.model, loaded.tokenizer, [p.dialog for p in prompts],
+                          max_new_tokens, temperature=temperature, seed=seed, fit="skip")
         bad = [ann.is_violation(p, a) for p, a in zip(prompts, answers)]
         result["violations_per_1000"].append(1000.0 * sum(bad) / len(prompts))
         for key, attr in (("by_attack", "attack"), ("by_category", "category")):

@@ -25,9 +25,9 @@ import torch
 
 from llama2.chat import OnSpecialTags
 from llama2.engine import TrainConfig
+from llama2.respond import respond
 from llama2.reward import TwoRewardModels, proxy_and_gold
 from llama2.stages.common import load_policy, parse_stage
-from llama2.stages.preferences import sample_responses
 from llama2.stages.sft import finetune, sft_train_defaults
 from llama2.utils import atomic_write_text, read_jsonl, write_jsonl
 
@@ -107,7 +107,8 @@ def sample_and_score(loaded, rewards: TwoRewardModels, prompts, k: int, temperat
                      max_new_tokens: int, seed: int) -> tuple[list[list[str]], dict[str, torch.Tensor]]:
     """K responses per prompt and their rewards {"rc", "rs", "rh"}, each [n_prompts, K]."""
     flat = [p for p in prompts for _ in range(k)]
-    texts = sample_responses(loaded, flat, [temperature] * len(flat), max_new_tokens, seed)
+    texts = respond(loaded.model, loaded.tokenizer, [p.dialog for p in flat], max_new_tokens,
+                    temperature=temperature, seed=seed)
     scores = rewards([p.dialog for p in flat], texts, [p.kind == "safety" for p in flat])
     return ([texts[i * k:(i + 1) * k] for i in range(len(prompts))],
             {name: v.view(len(prompts), k) for name, v in scores.items()})
@@ -291,7 +292,6 @@ def forgetting_study(cfg: ForgettingConfig) -> dict:
     keep = "latest" (this round's best only) and one with keep = "all" (plus `cfg.previous`).
     The annotators score greedy answers to held-out prompts of every family for the starting
     policy and both models: a skill kept only in earlier rounds' samples is what "latest" forgets."""
-    from llama2.stages.safety import answer_prompts
     from llama2.world import Annotator, World
     from llama2.world.tasks import FAMILIES
 
@@ -303,9 +303,12 @@ def forgetting_study(cfg: ForgettingConfig) -> dict:
 
     def skills(model: str) -> dict[str, float]:
         loaded = load_policy(model, cfg.train.device)
-        return {f: statistics.fmean(ann.helpfulness(p, r) for p, r in
-                                    zip(ps, answer_prompts(loaded, ps, cfg.max_new_tokens)))
-                for f, ps in held_out.items()}
+        out = {}
+        for f, ps in held_out.items():
+            answers = respond(loaded.model, loaded.tokenizer, [p.dialog for p in ps],
+                              cfg.max_new_tokens, fit="skip")
+            out[f] = statistics.fmean(ann.helpfulness(p, r) for p, r in zip(ps, answers))
+        return out
 
     result = {"family": cfg.family, "round": cfg.round, "model": cfg.model,
               "helpfulness": {"before": skills(cfg.model)}, "train_dialogs": {}}

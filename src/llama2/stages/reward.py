@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from llama2.chat import OnSpecialTags
 from llama2.engine import EpochSampler, TrainConfig, Trainer
@@ -35,15 +34,10 @@ from llama2.reward import (
     save_reward_model,
     shared_prefix,
 )
+from llama2.rlhf_math import LEVELS, MARGINS, auxiliary_safety_loss, margin_ranking_loss
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text
 
-LEVELS = ("significantly_better", "better", "slightly_better", "negligibly_better")
-MARGINS = {  # paper Table 27
-    "none": dict.fromkeys(LEVELS, 0.0),
-    "small": dict(zip(LEVELS, (1.0, 2 / 3, 1 / 3, 0.0))),
-    "large": dict(zip(LEVELS, (3.0, 2.0, 1.0, 0.0))),
-}
 # Safety labels of (chosen, rejected) by safety bin; None = unknown (no auxiliary loss).
 BIN_LABELS = {"chosen_safe_other_unsafe": (1.0, 0.0), "both_safe": (1.0, 1.0),
               "both_unsafe": (0.0, 0.0)}
@@ -169,13 +163,11 @@ def ranking_loss(rm: RewardModel, batch: dict[str, torch.Tensor], aux_weight: fl
     """Margin ranking loss (paper eq. 2), plus the auxiliary safety loss when weighted."""
     chosen, rejected = rm.forward_pairs(batch)
     n = chosen.shape[0]
-    loss = -F.logsigmoid(chosen - rejected - batch["margin"]).mean()
+    loss = margin_ranking_loss(chosen, rejected, batch["margin"])
     metrics = {"accuracy": float((chosen > rejected).float().mean())}
     if aux_weight:
-        known = batch["safe"] >= 0
-        if bool(known.any()):
-            scores = torch.cat([chosen, rejected])
-            aux = F.binary_cross_entropy_with_logits(scores[known], batch["safe"][known])
+        aux = auxiliary_safety_loss(torch.cat([chosen, rejected]), batch["safe"])
+        if aux is not None:
             loss = loss + aux_weight * aux
             metrics["aux_loss"] = float(aux.detach())
     return loss, metrics, n

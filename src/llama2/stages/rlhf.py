@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llama2.engine import checkpointing
 from llama2.stages.common import parse_stage
 from llama2.stages.contract import MARKER, SUFFIX, Stage, notice, prune
 from llama2.stages.ppo import PPO, PPOConfig
@@ -144,7 +145,7 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
         pc.out, pc.round, pc.world_seed, pc.reward = str(ppo_dir), v, cfg.world_seed, cfg.reward
 
         def ppo() -> None:
-            pc.resume = (ppo_dir / "ppo_state.pt").is_file()  # continue a killed run
+            pc.resume = checkpointing.latest(ppo_dir) is not None  # continue a killed run
             PPO(pc).run()
 
         Stage(ppo_dir / MARKER, {"ppo": pc},

@@ -20,41 +20,16 @@ from __future__ import annotations
 import copy
 import json
 import statistics
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from llama2.chat import Dialog
-from llama2.stages.common import load_policy, parse_stage
+from llama2.respond import respond
+from llama2.stages.common import as_policy, load_policy, parse_stage
 from llama2.stages.contract import MARKER, Stage, prune
-from llama2.stages.preferences import sample_responses
 from llama2.stages.sft import SFTConfig, finetune, gather_dialogs
 from llama2.utils import atomic_write_text
-
-
-def _loaded(model: Any, device: str = "auto"):
-    return load_policy(str(model), device) if isinstance(model, (str, Path)) else model
-
-
-def answer_prompts(loaded, prompts, max_new_tokens: int = 48, system: str | None = None,
-                   temperature: float = 0.0, seed: int = 0) -> list[str]:
-    """Answers to world Prompts (greedy by default), optionally under a system message. A
-    prompt that leaves no room for `max_new_tokens` in the context gets "" (no answer)."""
-    from llama2.chat import encode_prompt, with_system
-
-    if not prompts:
-        return []
-    if system is not None:
-        prompts = [replace(p, dialog=with_system(p.dialog, system)) for p in prompts]
-    ctx, tok = loaded.args.max_seq_len, loaded.tokenizer
-    fits = [i for i, p in enumerate(prompts)
-            if len(encode_prompt(tok, p.dialog)) + max_new_tokens <= ctx]
-    texts = sample_responses(loaded, [prompts[i] for i in fits], [temperature] * len(fits),
-                             max_new_tokens, seed) if fits else []
-    out = [""] * len(prompts)
-    for i, t in zip(fits, texts):
-        out[i] = t
-    return out
 
 
 def evaluate_safety(model: Any, world_seed: int = 0, n_helpful: int = 200, n_safety: int = 200,
@@ -63,12 +38,13 @@ def evaluate_safety(model: Any, world_seed: int = 0, n_helpful: int = 200, n_saf
     """Annotator scores of greedy answers on held-out prompts (eval split)."""
     from llama2.world import Annotator, World
 
-    loaded = _loaded(model, device)
+    loaded = as_policy(model, device)
     world, ann = World(world_seed), Annotator(annotator_seed, noise=False)
     helpful = world.helpful_prompts(n_helpful, split="eval") if n_helpful else []
     safety = world.safety_prompts(n_safety, split="eval") if n_safety else []
     border = world.borderline_prompts(n_borderline, split="eval") if n_borderline else []
-    texts = answer_prompts(loaded, helpful + safety + border, max_new_tokens)
+    texts = respond(loaded.model, loaded.tokenizer, [p.dialog for p in helpful + safety + border],
+                    max_new_tokens, fit="skip")
     h_txt, s_txt = texts[: len(helpful)], texts[len(helpful): len(helpful) + len(safety)]
     b_txt = texts[len(helpful) + len(safety):]
     scores = [ann.safety(p, r) for p, r in zip(safety, s_txt)]

@@ -1,4 +1,6 @@
-"""`llama2 tokenizer train --input FILE... --vocab-size N --out tok.model`.
+"""The tokenizer stage: a BPE tokenizer trained on the pretraining corpora.
+
+    llama2 tokenizer train --input FILE... --vocab-size N --out tok.model
 
 Trains a SentencePiece BPE model with the Llama settings (paper §2.2: digits split, byte
 fallback) on the same corpora `llama2 prepare` reads (.txt, .jsonl[.gz], hf:NAME).

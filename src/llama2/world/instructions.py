@@ -1,18 +1,35 @@
-"""Persistent system instructions for Ghost Attention (paper §3.3, recipe §7).
+"""Persistent system instructions for Ghost Attention (paper §3.3, recipe §7), and the dialogs
+planned under them.
 
-Families as in the paper: act as a figure, speak in a style or language, enjoy a hobby, plus
-answer formats. Each instruction has a verbose and a terse phrasing ("Figure: wizard"; the
-paper uses terse forms half the time), a checker that says whether a response obeys it, and
-`apply(answer)` that turns a plain answer into an obeying one (the GAtt training targets).
-Checkers are deliberately simple and robust (word-level, case-insensitive) so that adherence
-over 20 turns (Table 30) can be measured without a judge model.
+The world's instructions: families as in the paper (act as a figure, speak in a style or
+language, enjoy a hobby) plus answer formats. Each instruction has a verbose and a terse
+phrasing ("Figure: wizard"; the paper uses terse forms half the time), a checker that says
+whether a response obeys it, and `apply(answer)` that turns a plain answer into an obeying one
+(the GAtt training targets). Checkers are deliberately simple and robust (word-level,
+case-insensitive) so that adherence over 20 turns (Table 30) can be measured without a judge
+model. A random combination of two from different families must obey both (§3.3).
+
+A user's own instructions (`load_instructions(FILE.json)`): a JSON list of
+    {"verbose": "Always answer as a pirate.", "terse": "Style: pirate",
+     "name": "pirate", "family": "style",          (optional; family defaults to "custom")
+     "check": "\\b(arr|matey)\\b",                  (optional regex, case-insensitive search;
+                                                     without it every sample is accepted)
+     "prefix": "Arr!", "suffix": ""}                (optional: what `apply` adds, for the
+                                                     "apply" fallback)
+World instruction records (`Instruction.to_dict()`, with "rule") are read as such.
+
+`NEUTRAL_SYSTEM`: system messages that ask nothing of an answer's form. A `Plan` is one dialog
+to run under an instruction: its phrasing and its user turns (`world_tasks`).
 """
 
 from __future__ import annotations
 
+import json
+import random
 import re
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 
 def _words(text: str) -> list[str]:
@@ -175,3 +192,122 @@ def combinable(a: Instruction, b: Instruction) -> bool:
     except ValueError:
         return False
     return True
+
+
+# ---------------------------------------------------------------------------- any instruction
+class Persistent(Protocol):
+    """What GAtt needs of an instruction (the world's `Instruction` and `FileInstruction`)."""
+
+    name: str
+    family: str
+    verbose: str
+    terse: str
+
+    def check(self, response: str) -> bool: ...
+
+    def apply(self, answer: str) -> str: ...
+
+
+@dataclass(frozen=True)
+class FileInstruction:
+    """An instruction from a user's file: an optional regex checker and apply prefix/suffix."""
+
+    name: str
+    family: str
+    verbose: str
+    terse: str
+    pattern: str = ""
+    prefix: str = ""
+    suffix: str = ""
+
+    def check(self, response: str) -> bool:
+        if not response.strip():
+            return False
+        return not self.pattern or re.search(self.pattern, response, re.IGNORECASE) is not None
+
+    def apply(self, answer: str) -> str:
+        return " ".join(s for s in (self.prefix, answer.strip(), self.suffix) if s)
+
+
+# System messages that ask nothing of an answer's form: trained beside the instructions, they
+# keep a GAtt model from reading every system message as "adopt a persona" (a safety preprompt
+# included, which context distillation relies on, §4.2.4).
+NEUTRAL_SYSTEM: tuple[FileInstruction, ...] = (
+    FileInstruction("neutral_helpful", "neutral", "You are a helpful assistant.",
+                    "Be helpful."),
+    FileInstruction("neutral_llama", "neutral",
+                    "You are a helpful, respectful and honest assistant. Always answer as "
+                    "helpfully as possible, while being safe.", "Be helpful and safe."),
+)
+
+
+def load_instructions(source: str = "world") -> list[Persistent]:
+    """The world's instructions, or a JSON file in the format of the module docstring."""
+    from llama2.chat import find_special_tag
+
+    if source == "world":
+        return list(instructions())
+    records = json.loads(Path(source).read_text())
+    if not isinstance(records, list) or not records:
+        raise ValueError(f"{source}: expected a non-empty JSON list of instructions")
+    out: list[Persistent] = []
+    for i, r in enumerate(records):
+        if not isinstance(r, dict) or not r.get("verbose"):
+            raise ValueError(f"{source}: instruction {i} needs at least a 'verbose' text")
+        for key in ("verbose", "terse", "prefix", "suffix"):  # system message and answers
+            tag = find_special_tag(r[key]) if isinstance(r.get(key), str) else None
+            if tag is not None:
+                raise ValueError(f"{source}: instruction {i}: field {key!r} carries the chat tag "
+                                 f"{tag!r}, which would forge a turn of the chat format")
+        if "rule" in r:
+            out.append(Instruction.from_dict(r))
+            continue
+        try:  # a bad regex is an error now, not at sampling time
+            re.compile(r.get("check", ""))
+        except re.error as e:
+            raise ValueError(f"{source}: instruction {i}: bad check regex: {e}") from None
+        out.append(FileInstruction(name=r.get("name", f"instruction_{i}"),
+                                   family=r.get("family", "custom"), verbose=r["verbose"],
+                                   terse=r.get("terse") or r["verbose"], pattern=r.get("check", ""),
+                                   prefix=r.get("prefix", ""), suffix=r.get("suffix", "")))
+    return out
+
+
+def random_instruction(pool: list[Persistent], rng: random.Random, combo_share: float,
+                       weights: dict[str, float] | None = None) -> Persistent:
+    """One instruction, or (with probability combo_share) a combination of two (§3.3).
+    `weights`: relative chance per instruction name (1.0 where not named)."""
+    first = rng.choices(pool, weights=[(weights or {}).get(p.name, 1.0) for p in pool])[0]
+    if rng.random() < combo_share and isinstance(first, Instruction):
+        mates = [p for p in pool if isinstance(p, Instruction) and combinable(first, p)]
+        if mates:
+            return combine(first, rng.choice(mates))
+    return first
+
+
+# ---------------------------------------------------------------------------- dialog plans
+@dataclass
+class Task:
+    user: str
+    answer: str = ""  # the world's gold answer, when known
+
+
+def world_tasks(world_seed: int, n: int, split: str) -> list[Task]:
+    """Single-turn world tasks (follow-ups need their first turn, so multi-turn ones are out)."""
+    from llama2.world import World
+
+    prompts = World(world_seed).helpful_prompts(n, split=split)
+    return [Task(p.text, p.answer or "") for p in prompts if not p.multi_turn]
+
+
+@dataclass
+class Plan:
+    """One dialog under a persistent instruction: the instruction, its phrasing, the user turns."""
+
+    instruction: Persistent
+    terse: bool
+    tasks: list[Task]
+
+    @property
+    def inst(self) -> str:
+        return self.instruction.terse if self.terse else self.instruction.verbose
