@@ -9,7 +9,8 @@ the configuration (each field named `seed`: pretraining, SFT, reward models, pre
 rejection sampling, PPO, Ghost Attention, distillation, red teaming, evaluation) set to s, in a
 process of its own; a finished run is kept and an interrupted one resumes. `--dtype float32`
 trains every stage in fp32 (what a CPU without AVX-512 BF16 does with "auto"). Other arguments
-go to every pipeline run. Writes OUT/seeds.json (each run's rows) and OUT/seeds.md (the table:
+go to every pipeline run; `--recheck` runs nothing and reads the finished runs' results with the
+current checks. Writes OUT/seeds.json (each run's rows) and OUT/seeds.md (the table:
 finding, k of n, each run's reading).
 """
 
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from llama2.eval.run_layout import RunLayout
 from llama2.stages.pipeline import PipelineConfig
+from llama2.stages.reproduction import reproduction_table
 
 
 def field_paths(cls: type, name: str, prefix: str = "") -> list[str]:
@@ -71,6 +73,8 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", default="runs/seeds")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--recheck", action="store_true",
+                    help="run nothing: read the finished runs' results with the current checks")
     args, extra = ap.parse_known_args(argv)
     out = Path(args.out)
     runs: dict[str, list[dict]] = {}
@@ -78,6 +82,9 @@ def main(argv: list[str]) -> None:
         run_dir = out / f"seed_{s}"
         cmd = [sys.executable, "-m", "llama2.cli", "pipeline",
                *pipeline_args(s, run_dir, args.dtype, args.quick, extra)]
+        if args.recheck:
+            runs[f"seed {s}"] = reproduction_table(run_dir)
+            continue
         print(f"seed {s}: {' '.join(cmd[1:4])} --out {run_dir} ...", file=sys.stderr, flush=True)
         subprocess.run(cmd, check=True)
         runs[f"seed {s}"] = RunLayout(run_dir).reproduction()

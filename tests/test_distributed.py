@@ -1,8 +1,10 @@
-"""Multi-process training with FSDP2 (gloo on CPU) against one process.
+"""Multi-process runs (gloo on CPU) against one process: the rule of engine/distributed.py.
 
 `torchrun --nproc_per_node 2` runs the same command: the same global batch per step, so
 the loss curve matches the single-process one to float tolerance, while each process
-holds half of the parameters and optimizer state. Checkpoints move between the two.
+holds half of the parameters and optimizer state. Checkpoints move between the two. A
+generating stage splits its prompts over the ranks and writes the one-process run's files;
+only rank 0 writes and logs; a stage that is not distributed runs once, on rank 0.
 """
 
 from __future__ import annotations
@@ -37,22 +39,26 @@ def _args(dataset: Path, run_dir: Path, steps: int, *extra: str) -> list[str]:
             "false", "--train.dtype", "float32", "--train.device", "cpu", *extra]
 
 
-def _run(args: list[str], procs: int) -> None:
+def _run(args: list[str], procs: int, script: Path | None = None
+         ) -> subprocess.CompletedProcess:
+    """`llama2 ARGS` (or `python SCRIPT ARGS`) in 1 process or under torchrun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "llama2.cli"] if procs == 1 else [
+    program = [str(script)] if script else ["-m", "llama2.cli"]
+    launcher = [sys.executable, *program] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs),
-        "--standalone", "-m", "llama2.cli"]
+        "--standalone", *program]
     # A new session, so a timeout can kill the launcher and its workers together.
     proc = subprocess.Popen(launcher + args, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        _, err = proc.communicate(timeout=300)
+        stdout, err = proc.communicate(timeout=300)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         raise
-    out = subprocess.CompletedProcess(proc.args, proc.returncode, "", err)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, err)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "terminate called" not in out.stderr
+    return out
 
 
 def _curve(run_dir: Path, key: str = "loss") -> dict[int, float]:
@@ -89,3 +95,123 @@ def test_two_processes_match_one(dataset: Path, tmp_path: Path) -> None:
         shutil.copytree(src, cont)
         _run(_args(dataset, cont, 15, "--resume"), procs)
         _close(_curve(ref), _curve(cont))
+
+
+# ----------------------------------------------------------------- the recipe's stages
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The tiny policy and two RMs whose score heads are random (so samples score apart)."""
+    import torch
+
+    from conftest import tiny_policy_and_rms
+    from llama2.reward import load_reward_model, save_reward_model
+
+    root = tmp_path_factory.mktemp("stages")
+    paths = tiny_policy_and_rms(root)
+    for name in ("rm_helpful", "rm_safety"):
+        rm, tok, meta = load_reward_model(paths[name])
+        with torch.no_grad():
+            rm.score_head.weight.normal_(generator=torch.Generator().manual_seed(len(name)))
+        save_reward_model(rm, tok, paths[name], meta["kind"])
+    return paths
+
+
+TRAIN = ["--train.lr", "1e-3", "--train.max_steps", "4", "--train.warmup_steps", "0",
+         "--train.micro_batch_size", "4", "--train.global_batch", "8", "--train.progress",
+         "false", "--train.dtype", "float32", "--train.device", "cpu", "--seq_len", "128"]
+
+
+def _records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def _same_stdout(one: subprocess.CompletedProcess, two: subprocess.CompletedProcess,
+                 a: Path, b: Path) -> None:
+    """Rank 0 alone prints: the 2-process run prints what the 1-process run prints."""
+    assert two.stdout.replace(str(b), str(a)) == one.stdout and one.stdout
+
+
+def test_sft_two_processes_match_one(models: dict[str, str], tmp_path: Path) -> None:
+    """SFT under torchrun: the same loss and held-out loss per step (the same global batch,
+    the same evaluation batches), half of the parameters and Adam moments per process, each
+    step logged once and the result printed once."""
+    args = ["sft", "--model", models["policy"], "--n_helpful", "80", "--n_safety", "10",
+            "--val_fraction", "0.2", "--train.eval_every", "2", *TRAIN]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, r2 = _run([*args, "--out", str(one)], 1), _run([*args, "--out", str(two)], 2)
+    _same_stdout(r1, r2, one, two)
+    _close(_curve(one), _curve(two))
+    _close(_curve(one, "val_loss"), _curve(two, "val_loss"))
+    recs = _records(two / "metrics.jsonl")
+    assert [r["step"] for r in recs] == [1, 2, 2, 3, 4, 4]  # each step once, evals at 2 and 4
+    s1 = json.loads((one / "summary.json").read_text())["per_rank"]
+    s2 = json.loads((two / "summary.json").read_text())["per_rank"]
+    assert len(s2) == 2 and all(
+        r["param_bytes"] + r["optimizer_bytes"]
+        < 0.6 * (s1[0]["param_bytes"] + s1[0]["optimizer_bytes"]) for r in s2)
+
+
+def test_rejection_sampling_writes_the_one_process_files(models: dict[str, str],
+                                                         tmp_path: Path) -> None:
+    """A generating stage: each rank samples and scores its share of the prompts, the answers
+    meet in prompt order (each prompt its own seeded stream), rank 0 writes: the samples, their
+    rewards, the picks and the curves are the one-process run's byte for byte, and the
+    fine-tuning (FSDP2) follows the same loss curve."""
+    args = ["rejection-sample", "--model", models["policy"], "--helpful_rm",
+            models["rm_helpful"], "--safety_rm", models["rm_safety"], "--n_prompts", "10",
+            "--k", "3", "--sweep_prompts", "4", "--sweep_temperatures", "0.7,1.3",
+            "--max_new_tokens", "12", *TRAIN]
+    one, two = tmp_path / "one", tmp_path / "two"
+    r1, r2 = _run([*args, "--out", str(one)], 1), _run([*args, "--out", str(two)], 2)
+    _same_stdout(r1, r2, one, two)
+    for name in ("samples.jsonl", "best.jsonl", "curves.json"):
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    rc = [x for r in _records(one / "samples.jsonl") for x in r["rc"]]
+    assert len(set(rc)) > len(rc) // 2  # the rewards tell the samples apart
+    _close(_curve(one / "train"), _curve(two / "train"))
+
+
+SCRIPT = """
+import json, sys
+from llama2 import checkpoint
+from llama2.cli import main
+from llama2.engine import distributed
+from llama2.respond import respond
+
+policy, out, *ppo = sys.argv[1:]
+info = distributed.init("cpu")
+loaded = checkpoint.load(policy)
+model = distributed.shard_model(loaded.model, info)
+answers = respond(model, loaded.tokenizer, [[{"role": "user", "content": f"Say {w}."}]
+                  for w in ("yes", "no", "maybe", "hello", "bye")], 12, temperature=1.0,
+                  seed=5)
+if info.is_main:
+    json.dump(answers, open(out, "w"))
+main(["ppo", *ppo])
+"""
+
+
+def test_sharded_generation_and_a_rank0_only_stage(models: dict[str, str],
+                                                   tmp_path: Path) -> None:
+    """An FSDP-sharded policy answers under torchrun what the whole one answers in one
+    process (gathered once, the prompts split over the ranks); PPO, not distributed yet, says
+    so in one line and runs once, on rank 0, while the other rank waits."""
+    from llama2 import checkpoint
+    from llama2.respond import respond
+
+    script = tmp_path / "script.py"
+    script.write_text(SCRIPT)
+    ppo = ["--model", models["policy"], "--helpful_rm", models["rm_helpful"], "--safety_rm",
+           models["rm_safety"], "--out", str(tmp_path / "ppo"), "--n_prompts", "16",
+           "--heldout_prompts", "4", "--iterations", "2", "--batch_prompts", "8",
+           "--minibatch", "4", "--max_new_tokens", "8", "--eval_every", "1", "--device", "cpu"]
+    r = _run([models["policy"], str(tmp_path / "answers.json"), *ppo], 2, script)
+    loaded = checkpoint.load(models["policy"])
+    want = respond(loaded.model, loaded.tokenizer, [[{"role": "user", "content": f"Say {w}."}]
+                   for w in ("yes", "no", "maybe", "hello", "bye")], 12, temperature=1.0,
+                   seed=5)
+    assert json.loads((tmp_path / "answers.json").read_text()) == want
+    assert r.stderr.count("not distributed yet") == 1
+    assert "llama2 ppo: not distributed yet: runs on rank 0" in r.stderr
+    recs = _records(tmp_path / "ppo" / "ppo_metrics.jsonl")
+    assert [x["iteration"] for x in recs if "reward" in x] == [1, 2]  # each iteration once

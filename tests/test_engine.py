@@ -208,6 +208,30 @@ def test_epoch_sampler_shuffles_per_epoch_and_resumes() -> None:
     assert s2.next_batch() == nxt and s.epoch == 2.5
 
 
+def test_eval_pass_and_global_batch_are_the_same_on_any_number_of_processes() -> None:
+    """The evaluation batches over all processes are the one-process pass (fillers keep the
+    processes in step and count for nothing), and the micro-batch size shrinks where it does
+    not split the global batch over the processes; the global batch never changes."""
+    from llama2.engine.data import Filler
+
+    def dealt(world: int, limit: int = 0) -> list[list[int]]:
+        parts = [list(EpochSampler(list(range(11)), list, micro_batch_size=4, shuffle=False,
+                                   rank=r, world_size=world).eval_batches(limit))
+                 for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # every process runs as many
+        out = [parts[j % world][j // world] for j in range(len(parts[0]) * world)]
+        return [b for b in out if not isinstance(b, Filler)]
+
+    one = dealt(1)
+    assert one == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 0]]
+    assert dealt(2) == dealt(3) == dealt(4) == one and dealt(2, limit=2) == one[:2]
+    cfg = TrainConfig(micro_batch_size=16, global_batch=80)
+    assert [cfg.micro_batch(w) for w in (1, 2, 4)] == [16, 10, 10]
+    assert cfg.accumulation(1) == 5
+    with pytest.raises(ValueError, match="does not split over 3 processes"):
+        cfg.micro_batch(3)
+
+
 def test_bad_config_is_one_line_error() -> None:
     from llama2.stages.pretrain import parse_args
 

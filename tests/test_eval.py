@@ -102,6 +102,10 @@ def test_tracking_with_stub_scorers():
     sft, final = res["rows"]
     assert sft["version"] == "sft" and sft["helpfulness_rm"] > 0.8 and final["safety_rm"] > 0.9
     assert sft["helpfulness_gold"] > final["helpfulness_gold"]
+    # Per-prompt scores beside each mean (same prompts for every version: paired intervals).
+    for key, n in (("helpfulness_gold", res["n_helpful"]), ("safety_rm", res["n_safety"])):
+        assert len(sft[f"{key}_scores"]) == len(final[f"{key}_scores"]) == n
+        assert sum(sft[f"{key}_scores"]) / n == pytest.approx(sft[key], abs=1e-4)
 
 
 def test_suites_skip_with_a_reason(tmp_path):

@@ -224,7 +224,8 @@ def test_gatt_reproduction_row_reports_the_neutral_marker_rate(tmp_path):
     from llama2.stages.reproduction import reproduction_table
 
     def row(after: float, markers: dict | None) -> dict:
-        data = {"before": {"figure": [0.0, 0.1]}, "after": {"figure": [1.0, after]}}
+        data = {"before": {"figure": [0.0, 0.1]}, "after": {"figure": [1.0, after]},
+                "n_dialogs": 40}
         if markers is not None:
             data["neutral_marker_rate"] = markers
         (tmp_path / "gatt").mkdir(exist_ok=True)

@@ -91,6 +91,21 @@ def test_generation_logprobs_match_forward_and_sampling_is_seeded():
     assert bare.tokens == g.tokens and bare.logprobs == [[], []]
 
 
+def test_each_prompt_samples_from_its_own_seeded_stream():
+    """A prompt's samples depend on the call's seed and its index only: not on the prompts
+    beside it, the chunks of `max_batch_tokens` or the process that generates it."""
+    from llama2.generation import row_seed
+
+    model = tiny(2)
+    prompts = [[1, 5, 6], [1, 7, 8, 9, 10], [1, 11], [1, 12, 13]]
+    kw = dict(max_new_tokens=10, temperature=1.0, top_p=0.9, eos_id=None)
+    whole = generate(model, prompts, seed=3, **kw).tokens
+    assert generate(model, prompts, seed=3, max_batch_tokens=30, **kw).tokens == whole
+    assert generate(model, prompts[2:], seed=[row_seed(3, 2), row_seed(3, 3)], **kw).tokens \
+        == whole[2:]
+    assert len({tuple(t) for t in whole}) == 4 and row_seed(3, 0) != row_seed(4, 0)
+
+
 def test_generation_stops_on_eos_and_top_k_one_is_greedy():
     model = tiny(4)
     prompts = [[1, 5, 6], [1, 9]]

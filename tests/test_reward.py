@@ -155,6 +155,9 @@ def test_save_load_score_and_eval_per_level(tmp_path, tok):
              for i, j, lvl in [(0, 1, "better"), (1, 2, "negligibly_better"), (2, 0, "better")]]
     ev = evaluate_rm(rm, [encode_pair(tok, p, 128) for p in pairs])
     assert ev["count_by_level"] == {"better": 2, "negligibly_better": 1}
+    # Per pair, for the reproduction table's paired (McNemar) comparisons of two RMs.
+    assert {k: len(v) for k, v in ev["correct_by_level"].items()} == ev["count_by_level"]
+    assert sum(ev["correct_by_level"]["better"]) / 2 == ev["accuracy_by_level"]["better"]
     assert ev["unsafe_count"] == 6 and 0 <= ev["unsafe_recall"] <= 1
     assert "safe_kept" not in ev  # no safe response among these pairs
     mixed = [encode_pair(tok, PreferencePair(dialogs[0], responses[0], responses[1], "better", b),
@@ -168,6 +171,8 @@ def test_save_load_score_and_eval_per_level(tmp_path, tok):
     assert ev["safe_kept"] == pytest.approx(sum(x >= 0 for x in safe) / 3)
     assert ev["unsafe_auroc"] == pytest.approx(auroc(safe, unsafe))
     assert ev["unsafe_recall_at_90_kept"] == recall_at_kept(safe, unsafe, 0.9)
+    assert ev["unsafe_flagged_at_90_kept"] == [int(unsafe[0] < torch.tensor(safe).quantile(0.1))]
+    assert ev["safe_count"] == 3
 
 
 def test_auroc_counts_ties_half():
@@ -208,7 +213,7 @@ def test_aux_ablation_row_compares_recall_at_equal_safe_kept(tmp_path):
             d.mkdir(parents=True, exist_ok=True)
             (d / "eval.json").write_text(json.dumps(
                 {"unsafe_recall": recall, "safe_kept": kept, "unsafe_recall_at_90_kept": r90,
-                 "unsafe_auroc": 0.9}))
+                 "unsafe_auroc": 0.9, "unsafe_count": 100}))
         return next(r for r in reproduction_table(tmp_path) if "Auxiliary" in r["finding"])
 
     better = row(0.50, 0.80)

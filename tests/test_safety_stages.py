@@ -191,6 +191,8 @@ def test_distillation_rows_need_a_real_safety_gain(tmp_path):
                             "ungated": ev(0.1, fr[2])}}
         (tmp_path / "distill").mkdir(exist_ok=True)
         (tmp_path / "distill" / "summary.json").write_text(json.dumps(summary))
+        (tmp_path / "distill" / "config.json").write_text(json.dumps(
+            {"n_eval_safety": 200, "n_eval_borderline": 200}))
         table = reproduction_table(tmp_path)
         return [next(r for r in table if r["finding"].startswith(s))
                 for s in ("Context distillation", "Gated distillation")]

@@ -2,6 +2,10 @@
 
 Every module named here exposes `main(argv: list[str]) -> None`. Modules are imported only
 when their command runs, so `llama2 --help` is fast and stages stay independent.
+
+Under torchrun every command follows one rule (engine/distributed.py): the ranks share the
+work, only rank 0 writes and logs, and a command in RANK0_ONLY runs on rank 0 alone while the
+others wait, after one line that says so.
 """
 
 from __future__ import annotations
@@ -35,6 +39,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# Commands that are not distributed (yet): tools, interactive commands, and PPO (one process
+# holds its four models; the pipeline runs PPO inside, so it is one process too for now).
+RANK0_ONLY = {"convert", "chat", "serve", "tokenizer", "prepare", "world", "report", "ppo",
+              "pipeline"}
+
+
 def _usage() -> str:
     lines = ["usage: llama2 <command> [args...]", "", "commands:"]
     lines += [f"  {name:<17} {help_.split(': ', 1)[1]}" for name, (_, help_) in COMMANDS.items()]
@@ -62,8 +72,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"llama2 {name}: not available in this version")
         raise
     entry = getattr(module, "main_" + name.replace("-", "_"), None) or module.main
+    from llama2.engine import distributed
+
     try:
-        entry(rest)
+        with distributed.rank0_logs():
+            if name in RANK0_ONLY:
+                distributed.rank0_only(f"llama2 {name}", lambda: entry(rest))
+            else:
+                entry(rest)
+        distributed.shutdown()
     except KeyboardInterrupt:
         sys.exit(130)
     except (ValueError, FileNotFoundError, OSError) as e:

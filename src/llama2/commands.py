@@ -61,6 +61,9 @@ def main_generate(argv: list[str]) -> None:
     ap.add_argument("--device", default="auto")
     add_sampling_args(ap)
     a = ap.parse_args(argv)
+    from llama2.engine import distributed
+
+    distributed.init(a.device)  # under torchrun: the ranks share the prompts
     loaded = load_for_inference(a.model, a.tokenizer, a.dtype, a.device)
     tok = loaded.tokenizer
     texts = a.prompt or [""]

@@ -129,6 +129,38 @@ def _per_row(value: float | Sequence[float], n: int, name: str) -> torch.Tensor:
     return torch.tensor(values).view(n, 1)
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row `row`'s random stream in a call seeded with `seed` (splitmix64 of the
+    pair): each prompt draws from its own stream, so its samples depend on the call's seed and
+    its index alone, not on which other prompts share the batch, the chunk or the process."""
+    z = (seed * 0x9E3779B97F4A7C15 + (row + 1) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) >> 1  # 63 bits
+
+
+class RowDraws:
+    """The uniform draws of sampled rows, one seeded CPU stream per row: step t of row r is
+    the t-th draw of r's stream, whatever the batch (drawn 64 steps at a time)."""
+
+    BLOCK = 64
+
+    def __init__(self, seeds: Sequence[int], device: torch.device):
+        self.gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device, self.blocks = device, []
+
+    def __call__(self, step: int, rows: torch.Tensor) -> torch.Tensor:
+        """Uniforms [len(rows), 1] of step `step` for the original rows `rows`."""
+        b = step // self.BLOCK
+        while len(self.blocks) <= b:
+            self.blocks.append(torch.stack([torch.rand(self.BLOCK, generator=g)
+                                            for g in self.gens]).to(self.device))
+        return self.blocks[b][rows, step % self.BLOCK].view(-1, 1)
+
+
 def greedy(logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """argmax over the last dimension of logits [B, V], the first maximum on ties as
     `torch.argmax`: on CPU argmax scans a row one element at a time, so find the chunk that holds
@@ -199,7 +231,7 @@ def generate(
     top_k: int | Sequence[int] = 0,
     eos_id: int | None = 2,
     pad_id: int = 0,
-    seed: int | None = None,
+    seed: int | Sequence[int] | None = None,
     stop: Callable[[int, list[int]], bool] | None = None,
     on_token: Callable[[int, int], None] | None = None,
     max_batch_tokens: int | None = None,
@@ -211,6 +243,9 @@ def generate(
     temperature/top_p/top_k may be given per prompt. `stop(row, new_tokens)` ends a row early
     (stop strings); `on_token(row, token)` streams every new token as it is sampled.
     `max_batch_tokens` splits a large batch into chunks that fit that many cache slots.
+    seed: each prompt samples from its own random stream, seeded `row_seed(seed, i)` for
+    prompt i (a list: the rows' own seeds), so a prompt's samples do not depend on the other
+    prompts of the call or on the chunks; None: torch's global generator.
     `logprobs=False` skips the log-softmax over the vocabulary, for callers that only want
     tokens. `decoder`: the caller's `Decoder` of this model (eager or compiled, its cache kept).
     """
@@ -227,6 +262,12 @@ def generate(
     temps, tps = _per_row(temperature, n, "temperature"), _per_row(top_p, n, "top_p")
     tks = _per_row(top_k, n, "top_k").long()
     decoder = decoder if decoder is not None else Decoder(model)
+    if isinstance(seed, int):
+        seed = [row_seed(seed, r) for r in range(n)]
+    elif seed is not None:
+        seed = [int(s) for s in seed]
+        if len(seed) != n:
+            raise ValueError(f"seed: got {len(seed)} values for {n} prompts")
 
     if max_batch_tokens and n > 1 and n * (longest + max_new_tokens) > max_batch_tokens:
         per = max(1, max_batch_tokens // (longest + max_new_tokens))
@@ -241,7 +282,7 @@ def generate(
             part = generate(model, prompts[s:s + per], max_new_tokens,
                             temps[s:s + per].view(-1).tolist(), tps[s:s + per].view(-1).tolist(),
                             tks[s:s + per].view(-1).tolist(), eos_id, pad_id,
-                            None if seed is None else seed + s,
+                            None if seed is None else seed[s:s + per],
                             row_stop if stop else None, row_token if on_token else None,
                             logprobs=logprobs, decoder=decoder)
             out.tokens += part.tokens
@@ -255,12 +296,12 @@ def generate(
 
 def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
             temps: torch.Tensor, tps: torch.Tensor, tks: torch.Tensor, eos_id: int | None,
-            pad_id: int, seed: int | None, stop: Callable[[int, list[int]], bool] | None,
+            pad_id: int, seed: list[int] | None,
+            stop: Callable[[int, list[int]], bool] | None,
             on_token: Callable[[int, int], None] | None, logprobs: bool) -> Generation:
     """Prefill, then one decode step per token (see `generate`)."""
     model, n = decoder.net(), len(prompts)
     device = decoder.model.output.weight.device
-    generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     temps, tps, tks = temps.to(device), tps.to(device), tks.to(device)
     longest = max(len(p) for p in prompts)
     lengths = torch.tensor([len(p) for p in prompts], device=device)
@@ -285,6 +326,7 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
     logits = model.output(h[:, -1])
 
     sampled = bool((temps > 0).any())
+    draws = RowDraws(seed, device) if sampled and seed is not None else None
     rows = torch.arange(n, device=device)  # original index of each row in the batch
     active = list(range(n))  # positions in the batch of the rows still decoding
     out_tokens: list[list[int]] = [[] for _ in range(n)]
@@ -292,12 +334,15 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
     finished = [False] * n
     pos = lengths.view(-1, 1).clone()  # next rotary position of each row
     for step in range(max_new_tokens):
-        # Every row draws each step, finished or not: a row's samples do not depend on which
-        # others are still in the batch (eager drops them, compiled keeps them).
+        # Each row draws from its own stream (unseeded: every row draws from the global one
+        # each step, finished or not), so a row's samples do not depend on which others are
+        # still in the batch (eager drops them, compiled keeps them).
         uniforms = None
-        if sampled:
-            uniforms = torch.rand(n, 1, generator=generator, device=device)[rows]
-        nxt = sample_next(logits, temps, tps, tks, generator, uniforms)
+        if draws is not None:
+            uniforms = draws(step, rows)
+        elif sampled:
+            uniforms = torch.rand(n, 1, device=device)[rows]
+        nxt = sample_next(logits, temps, tps, tks, None, uniforms)
         nxt_list, row_list = nxt.tolist(), rows.tolist()
         if logprobs:
             logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.view(-1, 1)).view(-1)

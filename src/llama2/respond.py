@@ -8,6 +8,13 @@ User/Assistant transcript a pretrained model knows, or text continued after BOS)
 prompts and the token budget into the context, ending at EOS or a stop string, decoding the new
 tokens (alone for an answer, after a few prompt tokens for a continuation, whose leading space
 then survives), streaming the text as it grows, and the log-probabilities PPO needs.
+
+Under torchrun it shares the work (the rule in engine/distributed.py): every rank calls it with
+the same inputs, each generates every world_size-th of them, and the answers are gathered back
+in input order on every rank. Each input samples from its own seeded stream (`seed` and its
+index: `generation.row_seed`), so the answers are the one-process run's whatever the number of
+ranks. An FSDP-sharded model is gathered whole once per call, so the ranks' decoding steps,
+which differ, need no collective.
 """
 
 from __future__ import annotations
@@ -17,7 +24,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from llama2.chat import encode_prompt, encode_transcript, end_at_special_tag
-from llama2.generation import Decoder, generate
+from llama2.engine import distributed
+from llama2.generation import Decoder, generate, row_seed
 from llama2.model import Transformer
 
 FORMATS = ("chat", "transcript", "text")
@@ -147,7 +155,7 @@ def respond(
     temperature: float | Sequence[float] = 0.0,
     top_p: float | Sequence[float] = 1.0,
     top_k: int | Sequence[int] = 0,
-    seed: int | None = 0,
+    seed: int | Sequence[int] | None = 0,
     stop: Sequence[str] | Sequence[Sequence[str]] = (),
     end_at_tag: bool = True,
     fit: str = "cut",
@@ -179,15 +187,18 @@ def respond(
     stream(row, text): called for each new token of each row, in row order, with the text
     that has become safe to show (often ""; the raw text, before the finishing above, never
     the start of a possible stop string, all that is left once the row ends); a True return
-    ends that row (reason "cancelled"). seed: one random generator for the call (None:
-    unseeded). decoder: the caller's held `Decoder` of this model. max_batch_tokens: see
-    `generate`.
+    ends that row (reason "cancelled"); under torchrun each rank streams the rows it
+    generates. seed: input i samples from its own stream, seeded `row_seed(seed, i)` (a list:
+    one seed per input; None: unseeded), so an input's answer does not depend on the others.
+    decoder: the caller's held `Decoder` of this model. max_batch_tokens: see `generate`.
 
     Returns the texts, or with `full` (or `logprobs`) the `Answer`s.
     """
     n = len(inputs)
     if n == 0:
         return []
+    if distributed.is_sharded(model):  # every rank is here: gather the weights once
+        model, decoder = distributed.gathered(model), None
     tok, ctx = tokenizer, model.args.max_seq_len
     formats = _rows(format, n, "format")
     if any(f not in FORMATS for f in formats):
@@ -197,6 +208,8 @@ def respond(
     wants = [int(w) for w in _rows(max_new_tokens, n, "max_new_tokens")]
     temps, tps = _rows(temperature, n, "temperature"), _rows(top_p, n, "top_p")
     tks = _rows(top_k, n, "top_k")
+    seeds = None if seed is None else [row_seed(seed, i) for i in range(n)] \
+        if isinstance(seed, int) else [int(x) for x in _rows(seed, n, "seed")]
     stop = [stop] if isinstance(stop, str) else list(stop)  # one list for all, or one per input
     stops = ([stop] * n if not stop or isinstance(stop[0], str)
              else [list(s) for s in _rows(stop, n, "stop")])
@@ -218,9 +231,18 @@ def respond(
             ids[i] = fit_prompt(ids[i], room)
 
     answers = [Answer("", ids[i], [], [], "skipped") for i in range(n)]
-    if rows:
-        _run(model, tok, ids, rows, budgets, formats, stops, temps, tps, tks, seed, logprobs,
+    info = distributed.current()
+    mine = rows[info.rank::info.world_size]  # this rank's share (all of them alone)
+    if mine:
+        _run(model, tok, ids, mine, budgets, formats, stops, temps, tps, tks, seeds, logprobs,
              stream, decoder, max_batch_tokens, answers)
+    if info.distributed:
+        got = distributed.gather_shares(
+            [(i, (a.tokens, a.logprobs, a.text, a.reason)) for i in mine for a in [answers[i]]],
+            n, info)
+        for i in rows:
+            a = answers[i]
+            a.tokens, a.logprobs, a.text, a.reason = got[i]
     for i in rows:
         a = answers[i]
         if formats[i] == "transcript":
@@ -230,7 +252,7 @@ def respond(
     return answers if full else [a.text for a in answers]
 
 
-def _run(model, tok, ids, rows, budgets, formats, stops, temps, tps, tks, seed, logprobs,
+def _run(model, tok, ids, rows, budgets, formats, stops, temps, tps, tks, seeds, logprobs,
          stream, decoder, max_batch_tokens, answers) -> None:
     """One `generate` call for the inputs `rows`; fills their answers' tokens and raw text."""
     eos = tok.eos_id
@@ -257,7 +279,8 @@ def _run(model, tok, ids, rows, budgets, formats, stops, temps, tps, tks, seed, 
 
     gen = generate(model, [ids[i] for i in rows], max_new_tokens=most,
                    temperature=[temps[i] for i in rows], top_p=[tps[i] for i in rows],
-                   top_k=[tks[i] for i in rows], eos_id=eos, pad_id=tok.pad_id, seed=seed,
+                   top_k=[tks[i] for i in rows], eos_id=eos, pad_id=tok.pad_id,
+                   seed=None if seeds is None else [seeds[i] for i in rows],
                    stop=stop_row, on_token=on_token, max_batch_tokens=max_batch_tokens,
                    logprobs=logprobs, decoder=decoder)
     for r, i in enumerate(rows):

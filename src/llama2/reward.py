@@ -52,7 +52,8 @@ class RewardModel(nn.Module):
         h = self.transformer.hidden(batch["tokens"], positions=batch["positions"],
                                     mask=batch["mask"], slots=batch["slots"])
         scores = self.score_head(h[0, batch["read"]]).squeeze(-1).float()
-        return scores.chunk(2)
+        chosen, rejected = scores.chunk(2)
+        return chosen.clone(), rejected.clone()  # not views (FSDP2 hooks the outputs)
 
     def values(self, tokens: torch.Tensor) -> torch.Tensor:
         """A score at every position [B, T]: the PPO value head reads the RM this way."""
@@ -188,7 +189,14 @@ def pack_pairs(pairs: list[tuple[list[int], list[int]]]) -> dict[str, torch.Tens
 @torch.no_grad()
 def score(rm: RewardModel, tok: Tokenizer, dialogs: list[Dialog], responses: list[str],
           batch_size: int = 32) -> torch.Tensor:
-    """Scores (logits) [N] of each response in its dialog context, batched."""
+    """Scores (logits) [N] of each response in its dialog context, batched.
+
+    Under torchrun (every rank calls it with the same inputs) the batches are dealt out over
+    the ranks and the scores gathered: each batch holds what it holds in one process, so the
+    scores are the one-process run's to the bit. A sharded RM scores every batch on every rank
+    (its forward is a collective)."""
+    from llama2.engine import distributed
+
     if len(dialogs) != len(responses):
         raise ValueError(f"{len(dialogs)} dialogs but {len(responses)} responses")
     device = rm.score_head.weight.device
@@ -197,11 +205,18 @@ def score(rm: RewardModel, tok: Tokenizer, dialogs: list[Dialog], responses: lis
     seqs = [encode_scored(tok, d, r, rm.args.max_seq_len) for d, r in zip(dialogs, responses)]
     # Sort by length so each batch pads little; restore the order at the end.
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    batches = [order[b:b + batch_size] for b in range(0, len(order), batch_size)]
+    info = distributed.current()
+    if distributed.is_sharded(rm):
+        info = distributed.DistInfo()
     out = torch.empty(len(seqs))
-    for b in range(0, len(order), batch_size):
-        idx = order[b:b + batch_size]
+    for idx in batches[info.rank::info.world_size]:
         tokens, last = pad_right([seqs[i] for i in idx], tok.pad_id)
         out[idx] = rm(tokens.to(device), last.to(device)).cpu()
+    if info.distributed:
+        mine = [i for idx in batches[info.rank::info.world_size] for i in idx]
+        got = distributed.gather_shares([(i, float(out[i])) for i in mine], len(seqs), info)
+        out = torch.tensor(got, dtype=out.dtype)
     rm.train(was_training)
     return out
 

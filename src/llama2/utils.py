@@ -18,7 +18,13 @@ os.umask(_UMASK)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call `write(tmp_path)` and rename the result onto `path`: never a half-written file."""
+    """Call `write(tmp_path)` and rename the result onto `path`: never a half-written file.
+    Under torchrun only rank 0 writes (the rule in engine/distributed.py): on the other ranks
+    this does nothing."""
+    from llama2.engine.distributed import is_main
+
+    if not is_main():
+        return
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

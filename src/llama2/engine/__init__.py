@@ -38,7 +38,11 @@ API
   `linear_cross_entropy(h, weight, targets)` for other heads.
 - `engine.distributed`: init/shutdown (gloo on CPU, nccl on CUDA), shard_model (FSDP2),
   full_state/load_full_state (name-keyed full state dicts: checkpoints move freely between
-  sharded and single-process runs).
+  sharded and single-process runs), and the rule every command follows under torchrun:
+  `is_main()` (only rank 0 writes and logs; `rank0_logs`), `current()` (the ranks generation
+  and scoring share their inputs with; `gather_shares`), `gathered(model)` (a sharded model
+  whole, once per generation phase), `rank0_only(name, fn)` (a stage not distributed yet:
+  rank 0 runs it, the others wait).
 """
 
 from llama2.engine.config import TrainConfig

@@ -76,6 +76,19 @@ class TrainConfig:
             return max(1, self.global_batch_tokens // seq_len)
         return self.global_batch or self.micro_batch_size * world_size
 
+    def micro_batch(self, world_size: int, seq_len: int | None = None) -> int:
+        """The micro-batch size for `world_size` processes: micro_batch_size, or where that
+        does not split the global batch evenly over the processes, the largest size below it
+        that does. The global batch stays what the config says whatever the process count
+        (the micro-batch size only trades memory for steps)."""
+        total = self.global_sequences(world_size, seq_len)
+        if total % world_size:
+            raise ValueError(f"global batch of {total} sequences does not split over "
+                             f"{world_size} processes")
+        per_rank = total // world_size
+        return max(m for m in range(1, min(self.micro_batch_size, per_rank) + 1)
+                   if per_rank % m == 0)
+
     def accumulation(self, world_size: int, seq_len: int | None = None) -> int:
         """Micro-batches per optimizer step in each process."""
         total = self.global_sequences(world_size, seq_len)

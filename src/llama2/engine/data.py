@@ -122,17 +122,32 @@ class EpochSampler(IndexedStream):
         return self.collate([self.example(i) for i in indices])
 
     def eval_batches(self, limit: int = 0, micro_batch_size: int | None = None) -> Iterator[Any]:
-        """One ordered pass for evaluation, split over processes. Each process gets the same
-        number of batches; the last round wraps around (like DistributedSampler's padding)."""
+        """One ordered pass for evaluation, the same whatever the number of processes: the
+        one-process pass is ceil(n / B) batches (the last one wrapping around to fill it), at
+        most `limit`, and process `rank` gets batches rank, rank + W, ... Every process gets
+        as many: where the pass runs out, a `Filler` (a batch the process runs only to keep
+        step with the others, counted for nothing)."""
         b, r, w = self._layout()
         b = micro_batch_size or b
         n = len(self.examples)
-        rounds = math.ceil(n / (w * b))
+        total = math.ceil(n / b)
         if limit:
-            rounds = min(rounds, limit)
-        for k in range(rounds):
-            first = k * w * b + r * b
-            yield self.collate([self.examples[i % n] for i in range(first, first + b)])
+            total = min(total, limit)
+
+        def batch(k: int) -> Any:
+            return self.collate([self.examples[i % n] for i in range(k * b, k * b + b)])
+
+        for j in range(math.ceil(total / w)):
+            k = j * w + r
+            yield batch(k) if k < total else Filler(batch(0))
+
+
+class Filler:
+    """An evaluation batch that only keeps a process in step with the others (an FSDP forward
+    is a collective): evaluated, counted for nothing."""
+
+    def __init__(self, batch: Any):
+        self.batch = batch
 
 
 ListBatches = EpochSampler

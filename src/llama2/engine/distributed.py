@@ -13,17 +13,37 @@ True, cpu_offload=True)` and written by rank 0 as one file. They are keyed by pa
 name, so a checkpoint written by a sharded run loads in a single process and vice versa,
 and with any number of processes. (Fine up to a few billion parameters on one host; DCP's
 sharded format would be the next step for 70B.)
+
+The rule every command follows under `torchrun` (the same command runs as one process):
+each rank does a share of the work and the results meet through collectives; only rank 0
+writes files (`utils.atomic_write`, the one writer of every result file, asks `is_main()`;
+plots and removals ask it themselves) and logs (`rank0_logs`: the other ranks' stdout and
+stderr go nowhere, an error still shows). A stage's marker is decided and written by rank 0
+with a barrier after (stages/contract.py). Generation and scoring split their inputs over the
+ranks of `current()` (respond.py, reward.score); training shards the model (Trainer). A stage
+that is not distributed (yet) runs through `rank0_only(name, fn)`: one line says so, rank 0
+runs it alone (inside, `launched()` is False: the stage sees one process) and the others wait
+at a barrier, so nothing is done twice.
 """
 
 from __future__ import annotations
 
 import datetime
 import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+T = TypeVar("T")
+_ALONE = False  # inside rank0_only's body on rank 0: the code sees one process
+_WAIT: Any = None  # the gloo group non-main ranks wait in during rank0_only (long timeout)
+WAIT_TIMEOUT = datetime.timedelta(days=7)
 
 
 @dataclass
@@ -43,8 +63,27 @@ class DistInfo:
 
 
 def launched() -> bool:
-    """True under torchrun (or any launcher that sets WORLD_SIZE > 1)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    """True under torchrun (or any launcher that sets WORLD_SIZE > 1), except inside
+    `rank0_only`'s body, which runs as one process."""
+    return not _ALONE and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def is_main() -> bool:
+    """Whether this process writes files and logs: rank 0 under torchrun, a lone process
+    always (no process group needed: torchrun's RANK says it)."""
+    return _ALONE or int(os.environ.get("RANK", "0")) == 0
+
+
+def current() -> DistInfo:
+    """The processes the calling code shares its work with: those of the process group once
+    `init` made it, else this process alone (also inside `rank0_only`'s body). `device` is
+    where the group's collectives take tensors."""
+    if not launched() or not (dist.is_available() and dist.is_initialized()):
+        return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = torch.device("cuda", torch.cuda.current_device()) \
+        if dist.get_backend() == "nccl" else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
 def init(device: str = "auto") -> DistInfo:
@@ -70,11 +109,59 @@ def init(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group. The barrier first avoids gloo aborting at exit (platform
-    notes: 'terminate called without an active exception' without it)."""
+    """Leave the process group (the command line does, once a command is over). The barrier
+    first avoids gloo aborting at exit (platform notes: 'terminate called without an active
+    exception' without it)."""
+    global _WAIT
+    if _ALONE:
+        return
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    _WAIT = None
+
+
+def rank0_only(name: str, fn: Callable[[], T]) -> T | None:
+    """Run `fn` (a stage that is not distributed yet) on rank 0 alone: one line says so, the
+    other ranks wait at a barrier and get None. Inside, `launched()` is False, so the stage
+    (its Trainer, its `respond` calls) runs as one process. Without torchrun: just `fn()`.
+
+    The waiting ranks sit in a gloo group of their own with a long timeout (a stage may run
+    for hours); if rank 0 fails, torchrun ends them."""
+    global _ALONE, _WAIT
+    if not launched():
+        return fn()
+    if not dist.is_initialized():
+        init("cpu")  # only the barrier needs it; the stage picks its own device on rank 0
+    if _WAIT is None:
+        _WAIT = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
+    result = None
+    if dist.get_rank() == 0:
+        print(f"{name}: not distributed yet: runs on rank 0 while the other "
+              f"{dist.get_world_size() - 1} process(es) wait", file=sys.stderr, flush=True)
+        _ALONE = True
+        try:
+            result = fn()
+        finally:
+            _ALONE = False
+    dist.barrier(group=_WAIT)
+    return result
+
+
+@contextmanager
+def rank0_logs() -> Iterator[None]:
+    """Only rank 0 logs: on the other ranks stdout and stderr go to /dev/null while the block
+    runs; they come back before an error leaves it, so the error still shows."""
+    if is_main() or not launched():
+        yield
+        return
+    out, err = sys.stdout, sys.stderr
+    with open(os.devnull, "w") as null:
+        sys.stdout = sys.stderr = null
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = out, err
 
 
 def shard_model(model: nn.Module, info: DistInfo,
@@ -115,6 +202,56 @@ def all_gather_object(obj: object, info: DistInfo) -> list[object]:
 def barrier(info: DistInfo) -> None:
     if info.distributed:
         dist.barrier()
+
+
+def broadcast_object(obj: T, info: DistInfo) -> T:
+    """Rank 0's `obj` on every rank."""
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_shares(local: list[tuple[int, Any]], n: int, info: DistInfo) -> list[Any]:
+    """Every rank's (index, value) pairs put together in index order: a list of n values
+    (None where no rank gave one). One process: its own pairs."""
+    out: list[Any] = [None] * n
+    for part in all_gather_object(local, info):
+        for i, value in part:  # type: ignore[union-attr]
+            out[i] = value
+    return out
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether `model` is FSDP2-sharded (its parameters are DTensors)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def gathered(model: nn.Module) -> nn.Module:
+    """A plain module with `model`'s full parameters on every rank, gathered once (one
+    collective: every rank calls it): what a generation phase decodes with, so that its steps,
+    which differ between ranks, need no collective. `model` itself when not sharded. For a
+    module whose class takes its `args` (a Transformer)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if not is_sharded(model):
+        return model
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    device = next(iter(state.values())).device
+    from torch.distributed.fsdp import FSDPModule
+
+    cls = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))
+    with torch.device("meta"):  # FSDP2 made the module's class FSDP<cls>: build a plain cls
+        plain = cls(model.args)
+    plain = plain.to_empty(device=device)
+    plain.load_state_dict(state)
+    live = dict(model.named_buffers())
+    for name, buf in plain.named_buffers():  # rope tables etc. are not in the state dict
+        buf.copy_(live[name])
+    return plain.eval()
 
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer | None

@@ -26,6 +26,7 @@ from torch import nn
 
 from llama2.engine import checkpointing, distributed
 from llama2.engine.config import TrainConfig
+from llama2.engine.data import Filler
 from llama2.engine.metrics import MetricsLog
 from llama2.engine.optim import ModelOptimizer
 from llama2.utils import atomic_write_text, seed_everything
@@ -98,7 +99,10 @@ class Trainer:
     loss_fn: (model, batch) -> (mean loss tensor, extra metrics, number of units averaged).
     train_data: data source (next_batch/state_dict/load_state_dict; `bind()` if present).
     eval_data: callable returning an iterable of eval batches for this process (evaluated
-        with loss_fn, logged as val_loss), and/or eval_fn(model) -> dict of val metrics.
+        with loss_fn, logged as val_loss): its j-th is batch j * W + rank of the one-process
+        pass, or an `engine.data.Filler` (as `EpochSampler.eval_batches` deals them), so
+        val_loss is the same on any number of processes; and/or eval_fn(model) -> dict of val
+        metrics.
     run_dir: config.json, metrics.jsonl, checkpoints/, summary.json and (for a llama2
         Transformer) the final native model in run_dir/model.
     config: the stage's whole config, saved as config.json (default: cfg).
@@ -134,6 +138,12 @@ class Trainer:
         if cfg.dtype == "auto":
             cfg = dataclasses.replace(cfg, dtype="bfloat16" if fast_bf16(self.info.device)
                                       else "float32")
+        micro = cfg.micro_batch(world, self.seq_len)
+        if micro != cfg.micro_batch_size:  # the same global batch on any number of processes
+            self._say(f"train.micro_batch_size {cfg.micro_batch_size} -> {micro}: the global "
+                      f"batch of {cfg.global_sequences(world, self.seq_len)} sequences split "
+                      f"over {world} process(es)")
+            cfg = dataclasses.replace(cfg, micro_batch_size=micro)
         if cfg.max_steps:
             return cfg
         if not cfg.epochs:
@@ -153,7 +163,8 @@ class Trainer:
         if info.distributed:
             # An unsharded skeleton (on 'meta': no memory) to rebuild a full model at export.
             self._template = copy.deepcopy(model).to("meta")
-            distributed.shard_model(model, info)
+            # Reward models are called through forward_pairs / values as well as forward.
+            distributed.shard_model(model, info, ("hidden", "forward_pairs", "values"))
         if self.cfg.compile:
             for m in model.modules():
                 if isinstance(m, nn.ModuleList):
@@ -201,15 +212,21 @@ class Trainer:
             if self.eval_data is not None:
                 sums: dict[str, float] = {"loss": 0.0}
                 count = 0.0
-                # eval_batches counts micro-batches over all processes: the same windows
-                # are evaluated whatever the process count.
-                limit = math.ceil(self.cfg.eval_batches / self.info.world_size)
+                # eval_batches counts micro-batches over all processes: the same batches
+                # are evaluated whatever the process count; the ones past it, and fillers,
+                # run only to keep the processes in step.
+                total, world = self.cfg.eval_batches, self.info.world_size
+                limit = math.ceil(total / world)
                 for i, batch in enumerate(self.eval_data()):
                     if limit and i >= limit:
                         break
+                    filler = isinstance(batch, Filler)
+                    skip = filler or bool(total and i * world + self.info.rank >= total)
+                    batch = to_device(batch.batch if filler else batch, self.info.device)
                     with self._autocast():
-                        loss, metrics, n = self.loss_fn(self.model, to_device(batch,
-                                                                              self.info.device))
+                        loss, metrics, n = self.loss_fn(self.model, batch)
+                    if skip:
+                        continue
                     sums["loss"] += float(loss) * int(n)
                     for k, v in metrics.items():
                         sums[k] = sums.get(k, 0.0) + float(v) * int(n)

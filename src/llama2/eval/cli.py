@@ -58,7 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str]) -> None:
+    from llama2.engine import distributed
+
     a = build_parser().parse_args(argv)
+    distributed.init(a.device)  # under torchrun: the ranks share the generation
     if not a.model and not (a.suites == ["tracking"] and a.versions):
         raise ValueError("--model PATH is required (only `--suite tracking --version NAME=PATH "
                          "...` runs without it)")

@@ -18,29 +18,15 @@ Conventions (the project's choices where the paper is silent):
 
 from __future__ import annotations
 
-import math
 import random
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from llama2.eval.stats import Z95, wilson_interval  # noqa: F401  (re-exported)
 from llama2.world.records import Prompt
 
 TIE_THRESHOLD = 0.05
-Z95 = 1.959964
-
-
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """95% Wilson score interval of a proportion; (0, 1) when there is no data."""
-    if n <= 0:
-        return (0.0, 1.0)
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # Exact ends: 0 of n has a lower bound of 0, n of n an upper bound of 1 (no rounding).
-    return (0.0 if successes <= 0 else max(0.0, centre - half),
-            1.0 if successes >= n else min(1.0, centre + half))
 
 
 def bootstrap_interval(values: Sequence[float], n_boot: int = 1000, seed: int = 0,

@@ -12,11 +12,16 @@ Files at fixed places (what `llama2 pipeline` writes):
 - `rlhf/rounds.json`: one record per RLHF round, `{"round", "rm_helpful", "rm_safety",
   "rejection_sampling", "best", "ppo"?, "model"}` (checkpoint paths); each reward model's
   evaluation is the `eval.json` beside its checkpoint.
+- `pipeline_config.json`: the settings of every stage of the run (`llama2 pipeline`), written last.
 - `rlhf/v<round>/rejection_sampling/curves.json`: `{"curves": {"k", "max", "median"}, "sweep":
-  {"temperatures", "max_by_k"}, "switch_ablation": {"with_switch", "without_switch"},
-  "proxy_vs_gold"?: {"k", "proxy", "gold"}, "reward"}` (Figures 7, 8, §3.2.3).
+  {"temperatures", "max_by_k"}, "switch_ablation": {"with_switch", "without_switch",
+  "n_safety_prompts"}, "proxy_vs_gold"?: {"k", "proxy", "gold"}, "reward"}` (Figures 7, 8,
+  §3.2.3); beside it `samples.jsonl`, per prompt `{"prompt", "samples", "rc", "rs", "rh", ...}`
+  (the K samples' rewards), and `train/config.json`, the round's settings (`sweep_prompts`).
 - `rm_ablation/<name>/eval.json`: the reward-model ablations (margin_none, margin_small,
-  margin_large, safety_no_aux, safety_aux; Tables 28, 29).
+  margin_large, safety_no_aux, safety_aux; Tables 28, 29), evaluated on the same pairs in the
+  same order: `correct_by_level`? and `unsafe_flagged_at_90_kept`? are per pair / per unsafe
+  response, for paired comparisons.
 - `eval/<version>/summary.json`: what `llama2 eval --out RUN_DIR/eval/<version>` writes, one
   folder per model version (pretrain, sft, rlhf_v1, ..., final): `{"version", "model",
   "baseline", "options", "suites": {suite: result | {"skipped": why}}}`. Without a summary, the
@@ -28,16 +33,20 @@ Files at fixed places (what `llama2 pipeline` writes):
   perplexity `{"perplexity", "n_tokens"}`. Versions are ordered by the recipe (pretrain, sft,
   rejection sampling, rlhf_vN, ppo, gatt, safety/distill, final).
 - `eval/tracking.json`: the tracking suite over every version (Figure 11), `{"rows":
-  [{"version", "helpfulness_rm", "safety_rm", "helpfulness_gold", "safety_gold"}]}`.
+  [{"version", "helpfulness_rm", "safety_rm", "helpfulness_gold", "safety_gold",
+  "<each>_scores"?: [per prompt]}], "n_helpful", "n_safety"}`; the per-prompt scores are on the
+  same prompts in the same order for every version.
 - `gatt/adherence.json`: `{"before": {instruction_family: [share per turn 1..20]}, "after":
   {...}, "neutral_marker_rate"?: {"before", "after"}}` (Table 30).
 - `distill/summary.json`: context distillation as `llama2 distill` writes it, `{"by_kind":
   {"safety": {"by_initial_score": [{"rm_plain", "rm_change", "prompts", "kept_gated"}]}},
-  "eval": {"before"|"gated"|"ungated": {"violation_rate", "false_refusal", ...}}}` (Figure 16).
+  "eval": {"before"|"gated"|"ungated": {"violation_rate", "false_refusal", ...}}}` (Figure 16);
+  `distill/distilled.jsonl`, per prompt `{"kind", "plain", "distilled", "rm_plain",
+  "rm_distilled", "gate", ...}`; `distill/config.json`, its settings (`n_eval_*`).
 - `safety_scaling.json`: `{"shares": [share of safety data], "mean_helpfulness": [...],
   "mean_safety": [...], "safety_scores": [[score per prompt] per share], "false_refusal":
-  [...]}` (Figure 15).
-- `redteam.json`: `{"versions": [...], "violations_per_1000": [...], ...}` (§4.3).
+  [...], "n_eval"?: {"helpful", "safety", "borderline"}}` (Figure 15).
+- `redteam.json`: `{"versions": [...], "n_tries", "violations_per_1000": [...], ...}` (§4.3).
 
 Searched anywhere in RUN_DIR (so that the report also reads partial or hand-assembled runs):
 
@@ -123,6 +132,17 @@ class RunLayout:
                 self.warn(path, e)
             return None
 
+    def read_jsonl(self, path: Path) -> list[dict] | None:
+        """A JSONL file's records; None where it is missing or unreadable."""
+        if not path.is_file():
+            return None
+        try:
+            return read_jsonl(path)
+        except (OSError, ValueError) as e:
+            if self.warn:
+                self.warn(path, e)
+            return None
+
     # ------------------------------------------------------------------ fixed places
     @property
     def reproduction_path(self) -> Path:
@@ -138,6 +158,9 @@ class RunLayout:
     def model_versions(self) -> dict[str, str] | None:
         """{version: checkpoint} of the run's model versions, in recipe order."""
         return self.read(self.versions_path)
+
+    def pipeline_config(self) -> dict | None:
+        return self.read(self.root / "pipeline_config.json")
 
     def rounds(self) -> list[dict] | None:
         return self.read(self.root / "rlhf" / "rounds.json")
@@ -158,6 +181,15 @@ class RunLayout:
         """Round `round`'s (from 1) rejection-sampling curves."""
         return self.read(self.root / "rlhf" / f"v{round}" / "rejection_sampling" / "curves.json")
 
+    def rejection_samples(self, round: int) -> list[dict] | None:
+        """Round `round`'s samples and their rewards, one record per prompt."""
+        return self.read_jsonl(self.root / "rlhf" / f"v{round}" / "rejection_sampling"
+                               / "samples.jsonl")
+
+    def rejection_sampling_config(self, round: int) -> dict | None:
+        return self.read(self.root / "rlhf" / f"v{round}" / "rejection_sampling" / "train"
+                         / "config.json")
+
     def eval_summary(self, version: str) -> dict | None:
         return self.read(self.root / "eval" / version / "summary.json")
 
@@ -169,6 +201,13 @@ class RunLayout:
 
     def distill(self) -> dict | None:
         return self.read(self.root / "distill" / "summary.json")
+
+    def distill_rows(self) -> list[dict] | None:
+        """Context distillation per prompt (distill/distilled.jsonl)."""
+        return self.read_jsonl(self.root / "distill" / "distilled.jsonl")
+
+    def distill_config(self) -> dict | None:
+        return self.read(self.root / "distill" / "config.json")
 
     def safety_scaling(self) -> dict | None:
         return self.read(self.root / "safety_scaling.json")

@@ -279,20 +279,23 @@ def track_versions(versions: Sequence[tuple[str, str | Responder]],
         else:
             answers = _answers(load_policy(src, opts.device), helpful + adv, opts)
         rh, rs = answers[:len(helpful)], answers[len(helpful):]
-        row: dict[str, Any] = {
-            "version": name,
-            "helpfulness_gold": _mean([ann.helpfulness(p, r) for p, r in zip(helpful, rh)]),
-            "safety_gold": _mean([ann.safety(p, r) for p, r in zip(adv, rs)]),
-        }
+        # Each mean beside its per-prompt scores (same prompts for every version, in order):
+        # the reproduction table's paired intervals between versions are computed from them.
+        scores = {"helpfulness_gold": [ann.helpfulness(p, r) for p, r in zip(helpful, rh)],
+                  "safety_gold": [ann.safety(p, r) for p, r in zip(adv, rs)]}
         if "helpfulness" in scorers:
-            row["helpfulness_rm"] = _mean(_probs(scorers["helpfulness"],
-                                                 [p.dialog for p in helpful], rh))
+            scores["helpfulness_rm"] = _probs(scorers["helpfulness"],
+                                              [p.dialog for p in helpful], rh)
         if "safety" in scorers:
-            row["safety_rm"] = _mean(_probs(scorers["safety"], [p.dialog for p in adv], rs))
+            scores["safety_rm"] = _probs(scorers["safety"], [p.dialog for p in adv], rs)
+        row: dict[str, Any] = {"version": name, **{k: _mean(v) for k, v in scores.items()},
+                               **{f"{k}_scores": [round(float(x), 5) for x in v]
+                                  for k, v in scores.items()}}
         rows.append(row)
     return {"rows": rows, "n_helpful": len(helpful), "n_safety": len(adv),
             "reward_models": sorted(scorers),
-            "note": "RM scores are mean sigmoid(score); *_gold are the world annotators' means"}
+            "note": "RM scores are mean sigmoid(score); *_gold are the world annotators' means; "
+                    "*_scores: per prompt, the same prompts in the same order for every version"}
 
 
 def truthfulqa_suite(loaded, opts: EvalOptions) -> dict[str, Any]:

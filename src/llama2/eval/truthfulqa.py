@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from llama2.eval.judge import wilson_interval
+from llama2.eval.stats import wilson_interval
 
 # The QA primer of the TruthfulQA repository (presets.py), used as few-shot context.
 QA_PRIMER = """Q: What is human life expectancy in the United States?

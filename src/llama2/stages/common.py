@@ -46,13 +46,35 @@ def load_dialogs(path: str, on_special_tags: OnSpecialTags = "error") -> list[Di
 
 
 def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
-    """Parse `--config FILE --key value ...` into the stage's config dataclass."""
+    """Parse `--config FILE --key value ...` into the stage's config dataclass. Under torchrun
+    the process joins the process group on the config's device (`config_device`) before any
+    model is loaded, so that each rank takes its own GPU and `respond` shares its prompts."""
+    from llama2.engine import distributed
+
     if argv and argv[0] in ("-h", "--help"):
         fields = json.dumps(config.to_dict(cls()), indent=2)
         print(f"usage: llama2 {prog} [--config FILE.toml] [--section.key value ...]\n\n"
               f"{(sys.modules[cls.__module__].__doc__ or '').strip()}\n\ndefaults:\n{fields}")
         sys.exit(0)
-    return config.parse(cls, argv)
+    cfg = config.parse(cls, argv)
+    distributed.init(config_device(cfg))
+    return cfg
+
+
+def config_device(cfg: Any) -> str:
+    """The device a stage's config names: its own `device`, its `train.device`, else the first
+    one found in its sections ("auto" if none)."""
+    import dataclasses
+
+    todo = [cfg]
+    while todo:
+        obj = todo.pop(0)
+        if not dataclasses.is_dataclass(obj):
+            continue
+        if isinstance(getattr(obj, "device", None), str):
+            return obj.device
+        todo += [getattr(obj, f.name) for f in dataclasses.fields(obj)]
+    return "auto"
 
 
 @dataclass

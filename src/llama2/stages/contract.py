@@ -16,6 +16,10 @@ and every sub-stage ask `Stage.done()` and nothing else:
 
 The start record is written after any stale outputs are gone, so a kill at any moment leaves
 either a complete marker or a folder that the next check treats correctly.
+
+Under torchrun (engine/distributed.py) rank 0 alone decides, removes and writes, and the other
+ranks take its answer: `done()` broadcasts it, `finish()`, `remove()` and `prune()` end with a
+barrier, so no rank reads a stage's outputs before rank 0 has made or removed them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from llama2.engine import distributed
 from llama2.utils import atomic_write_text
 
 MARKER = "done.json"
@@ -127,7 +132,8 @@ def _remove(path: Path) -> bool:
 
 
 def notice(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    if distributed.is_main():
+        print(msg, file=sys.stderr, flush=True)
 
 
 class Stage:
@@ -175,21 +181,29 @@ class Stage:
 
     def done(self) -> bool:
         """True if the stage finished with these settings. Otherwise readies it to run: stale
-        outputs removed (one-line notice), the start record written."""
+        outputs removed (one-line notice), the start record written (by rank 0, whose answer
+        every rank gets)."""
+        info = distributed.current()
+        answer = self._done() if info.is_main else None
+        return bool(distributed.broadcast_object(answer, info))
+
+    def _done(self) -> bool:
         old = _read(self.marker)
         if old is not None and old["hash"] == self.hash:
             return bool(old.get("complete"))  # an unfinished run resumes from its checkpoints
         if old is not None:
             notice(f"{self.name}: {self.changes(old)} -> re-running")
-            self.clear()
-        elif self.clear():
+            self._clear()
+        elif self._clear():
             notice(f"{self.name}: outputs without a record of their config -> re-running")
         self._write(complete=False)
         return False
 
     def finish(self) -> None:
-        """Write the marker: call it last, once every output is written."""
+        """Write the marker: call it last, once every output is written (rank 0 writes, the
+        others wait for it)."""
         self._write(complete=True)
+        distributed.barrier(distributed.current())
 
     def run(self, body: Callable[[], Any]) -> bool:
         """Run `body` unless done, then mark the stage done; returns True if skipped."""
@@ -200,7 +214,12 @@ class Stage:
         return False
 
     def clear(self) -> bool:
-        """Remove the outputs and the marker; True if anything was there."""
+        """Remove the outputs and the marker; True if anything was there (rank 0 removes,
+        every rank gets its answer)."""
+        info = distributed.current()
+        return bool(distributed.broadcast_object(self._clear() if info.is_main else None, info))
+
+    def _clear(self) -> bool:
         found = False
         for p in self.outputs:
             found = _remove(p) or found
@@ -213,10 +232,12 @@ class Stage:
 
 
 def prune(folder: str | Path, keep: Iterable[str]) -> None:
-    """Remove the subfolders of `folder` not in `keep`: stages the config no longer has."""
+    """Remove the subfolders of `folder` not in `keep`: stages the config no longer has (rank
+    0 removes, the others wait)."""
     folder, keep = Path(folder), set(keep)
-    if folder.is_dir():
+    if folder.is_dir() and distributed.is_main():
         for child in sorted(folder.iterdir()):
             if child.is_dir() and child.name not in keep:
                 shutil.rmtree(child)
                 notice(f"{child}: not in the config any more -> removed")
+    distributed.barrier(distributed.current())

@@ -52,7 +52,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.chat import Dialog, OnSpecialTags, encode_dialog, encode_prompt
-from llama2.engine import TrainConfig
+from llama2.engine import TrainConfig, distributed
 from llama2.eval.attention_probe import attention_to_system, figure10_dialog
 from llama2.eval.multiturn import adherence_detail, marker_rate
 from llama2.eval.plots import plot_adherence, plot_attention
@@ -317,14 +317,16 @@ def evaluate(before: Any, after: Any, out: str | Path, instructions: list[Persis
     write_jsonl(out / "adherence_transcripts.jsonl",
                 [{"model": k, "instruction": n, "dialog": t}
                  for k, d in details.items() for n, t in d["transcripts"].items()])
-    plot_adherence(data, out / "adherence.png")
+    if distributed.is_main():
+        plot_adherence(data, out / "adherence.png")
     tok = models["after"].tokenizer
     ctx = min(context or models["after"].args.max_seq_len, models["after"].args.max_seq_len)
     dialog = figure10_dialog(instructions[0], tok, ctx, world_seed)
     att = {k: attention_to_system(m, dialog) for k, m in models.items()}
     atomic_write_text(out / "attention.json",
                       json.dumps({**att, "dialog": dialog}, indent=1) + "\n")
-    plot_attention(att, out / "attention.png")
+    if distributed.is_main():
+        plot_attention(att, out / "attention.png")
     return {"adherence": data, "neutral_marker_rate": report["neutral_marker_rate"],
             "attention_per_layer": {k: a["per_layer"] for k, a in att.items()}}
 

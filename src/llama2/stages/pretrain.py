@@ -110,37 +110,34 @@ def run(cfg: PretrainConfig) -> Trainer:
     from llama2.utils import seed_everything
 
     info = distributed.init(cfg.train.device)
-    try:
-        data_dir = _dataset_dir(cfg, info)
-        index = read_index(data_dir)
-        tokenizer = Tokenizer(data_dir / index["tokenizer"])
-        args = cfg.model.build_args(tokenizer.n_words)
-        seq = cfg.data.seq_len
-        if seq > args.max_seq_len:
-            raise ValueError(f"data.seq_len {seq} exceeds model.max_seq_len {args.max_seq_len}")
-        train = WindowSampler(TokenShards.open(data_dir, "train"), seq, seed=cfg.train.seed,
-                              doc_mask=cfg.data.doc_mask)
-        val = None
-        if index["splits"].get("val", {}).get("tokens", 0) > seq:
-            val_windows = eval_sampler(TokenShards.open(data_dir, "val"), seq,
-                                       cfg.train.micro_batch_size, cfg.data.eval_windows,
-                                       cfg.data.doc_mask)
-            val = val_windows.eval_batches
-        seed_everything(cfg.train.seed)  # identical initial weights on every process
-        model = Transformer(args)
-        model.init_weights()
-        if info.is_main:
-            print(f"pretraining {args.num_params() / 1e6:.2f}M parameters on {data_dir} "
-                  f"(train {index['splits']['train']['tokens']:,} tokens, unigram entropy "
-                  f"{index.get('unigram_entropy', float('nan')):.3f} nats/token)",
-                  file=sys.stderr)
-        trainer = Trainer(model, lm_loss_fn, train, cfg.train, cfg.run_dir, eval_data=val,
-                          config=cfg, tokenizer=tokenizer, seq_len=seq,
-                          export_extra={"stage": "pretrain", "dataset": str(data_dir)})
-        trainer.fit()
-        return trainer
-    finally:
-        distributed.shutdown()
+    data_dir = _dataset_dir(cfg, info)
+    index = read_index(data_dir)
+    tokenizer = Tokenizer(data_dir / index["tokenizer"])
+    args = cfg.model.build_args(tokenizer.n_words)
+    seq = cfg.data.seq_len
+    if seq > args.max_seq_len:
+        raise ValueError(f"data.seq_len {seq} exceeds model.max_seq_len {args.max_seq_len}")
+    train = WindowSampler(TokenShards.open(data_dir, "train"), seq, seed=cfg.train.seed,
+                          doc_mask=cfg.data.doc_mask)
+    val = None
+    if index["splits"].get("val", {}).get("tokens", 0) > seq:
+        val_windows = eval_sampler(TokenShards.open(data_dir, "val"), seq,
+                                   cfg.train.micro_batch_size, cfg.data.eval_windows,
+                                   cfg.data.doc_mask)
+        val = val_windows.eval_batches
+    seed_everything(cfg.train.seed)  # identical initial weights on every process
+    model = Transformer(args)
+    model.init_weights()
+    if info.is_main:
+        print(f"pretraining {args.num_params() / 1e6:.2f}M parameters on {data_dir} "
+              f"(train {index['splits']['train']['tokens']:,} tokens, unigram entropy "
+              f"{index.get('unigram_entropy', float('nan')):.3f} nats/token)",
+              file=sys.stderr)
+    trainer = Trainer(model, lm_loss_fn, train, cfg.train, cfg.run_dir, eval_data=val,
+                      config=cfg, tokenizer=tokenizer, seq_len=seq,
+                      export_extra={"stage": "pretrain", "dataset": str(data_dir)})
+    trainer.fit()
+    return trainer
 
 
 def parse_args(argv: list[str]) -> PretrainConfig:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llama2.engine import distributed
 from llama2.respond import respond
 from llama2.stages.common import load_policy, parse_stage
 from llama2.utils import atomic_write_text, write_jsonl
@@ -82,7 +83,8 @@ def red_team(models: list[tuple[str, str]], out: str | Path, n_tries: int = 1000
     result["by_attack"] = dict(result["by_attack"])
     result["by_category"] = dict(result["by_category"])
     write_jsonl(out / "redteam_violations.jsonl", transcripts)
-    plot_redteam(result, out / "redteam.png")
+    if distributed.is_main():
+        plot_redteam(result, out / "redteam.png")
     atomic_write_text(out / "redteam.json", json.dumps(result, indent=2) + "\n")
     return result
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from llama2.chat import OnSpecialTags
-from llama2.engine import TrainConfig
+from llama2.engine import TrainConfig, distributed
 from llama2.respond import respond
 from llama2.reward import TwoRewardModels, proxy_and_gold
 from llama2.stages.common import load_policy, parse_stage
@@ -251,7 +251,8 @@ def run(cfg: RejectionSamplingConfig) -> dict:
                 by_k[k].append(float(r[:, :k].max(1).values.mean()))
             sweep["mean"].append(float(r.mean()))
         sweep["max_by_k"] = {str(k): v for k, v in by_k.items()}
-    plot_curves(curves, sweep, out / "curves.png")
+    if distributed.is_main():
+        plot_curves(curves, sweep, out / "curves.png")
     # Training set: this round's best, plus the earlier rounds' (keep = "all").
     train_dialogs = list(best_dialogs)
     earlier = cfg.previous if cfg.keep == "all" else []
@@ -269,7 +270,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
                "selection": selection_quality(prompts, texts, rc),
                "best_by_kind": {kind: statistics.fmean(float(rc[i].max()) for i, p in
                                                        enumerate(prompts) if p.kind == kind)
-                                for kind in {p.kind for p in prompts}}}
+                                for kind in sorted({p.kind for p in prompts})}}
     atomic_write_text(out / "curves.json", json.dumps(summary, indent=2) + "\n")
     finetune(loaded.model, loaded.tokenizer, train_dialogs, out / "train", cfg.train, cfg.seq_len,
              config=cfg, extra={"stage": "rejection_sampling", "round": cfg.round})
@@ -316,9 +317,11 @@ def forgetting_study(cfg: ForgettingConfig) -> dict:
         rc = copy.deepcopy(cfg)
         rc.out, rc.keep, rc.sweep_prompts = str(out / keep), keep, 0
         rc.families = [f for f in FAMILIES if f != cfg.family]
-        if keep == "all":  # the same samples: only the training set differs
+        # The same samples: only the training set differs (rank 0 copies, every rank reads).
+        if keep == "all" and distributed.is_main():
             (out / keep).mkdir(parents=True, exist_ok=True)
             shutil.copyfile(out / "latest" / "samples.jsonl", out / keep / "samples.jsonl")
+        distributed.barrier(distributed.current())
         summary = run(rc)
         result["train_dialogs"][keep] = summary["train_dialogs"]
         result["helpfulness"][keep] = skills(str(out / keep / "train" / "model"))

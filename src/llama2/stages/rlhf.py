@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from llama2.engine import checkpointing
+from llama2.engine import checkpointing, distributed
 from llama2.stages.common import parse_stage
 from llama2.stages.contract import MARKER, SUFFIX, Stage, notice, prune
 from llama2.stages.ppo import PPO, PPOConfig
@@ -148,8 +148,10 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
             pc.resume = checkpointing.latest(ppo_dir) is not None  # continue a killed run
             PPO(pc).run()
 
+        # PPO is not distributed yet: under torchrun rank 0 runs it, the others wait.
         Stage(ppo_dir / MARKER, {"ppo": pc},
-              {f"ppo.{k}": getattr(pc, k) for k in ("model", "helpful_rm", "safety_rm")}).run(ppo)
+              {f"ppo.{k}": getattr(pc, k) for k in ("model", "helpful_rm", "safety_rm")}).run(
+            lambda: distributed.rank0_only(f"PPO (round {v})", ppo))
     else:
         Stage(ppo_dir / MARKER, {}).remove(f"PPO starts at round {cfg.ppo_from}")
     return record
@@ -161,8 +163,10 @@ def _drop_later_rounds(out: Path, rounds: int) -> None:
     prefs = out / "preferences"
     stale = [f for f in (prefs.iterdir() if prefs.is_dir() else [])
              if (m := re.search(r"batch_(\d+)\.", f.name)) and int(m.group(1)) >= rounds]
-    for f in stale:
-        f.unlink()
+    if distributed.is_main():
+        for f in stale:
+            f.unlink()
+    distributed.barrier(distributed.current())
     if stale:
         notice(f"{prefs}: batches past round {rounds} removed")
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from llama2.chat import Dialog
+from llama2.engine import distributed
 from llama2.respond import respond
 from llama2.stages.common import as_policy, load_policy, parse_stage
 from llama2.stages.contract import MARKER, Stage, prune
@@ -137,7 +138,9 @@ def safety_scaling(cfg: SafetyScalingConfig) -> dict[str, Any]:
     keys = ("mean_helpfulness", "safety_scores", "mean_safety", "violation_rate",
             "false_refusal")
     result: dict[str, Any] = {"shares": list(cfg.shares), **{k: [] for k in keys},
-                              "n_safety_demos": [], "models": []}
+                              "n_safety_demos": [], "models": [],
+                              "n_eval": {"helpful": cfg.n_eval_helpful, "safety": cfg.n_eval_safety,
+                                         "borderline": cfg.n_eval_borderline}}
     prune(Path(cfg.out) / "safety_scaling", [share_dir(cfg.out, s).name for s in cfg.shares])
     for share in cfg.shares:
         path = train_share(cfg, share)
@@ -153,7 +156,8 @@ def safety_scaling(cfg: SafetyScalingConfig) -> dict[str, Any]:
               f"{ev['false_refusal']:.3f}", flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    plot_scaling(result, out / "safety_scaling.png")
+    if distributed.is_main():
+        plot_scaling(result, out / "safety_scaling.png")
     atomic_write_text(out / "safety_scaling.json", json.dumps(result, indent=1) + "\n")
     return result
 
