@@ -65,8 +65,8 @@ def flops_per_token(model: nn.Module, seq_len: int | None) -> float:
 
 def fast_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls beat fp32 on `device`: a CUDA GPU with bf16, or a CPU with AVX-512
-    BF16 or AMX. Elsewhere PyTorch emulates bf16 on the CPU: 0.8 GFLOP/s against 48 for fp32,
-    measured on an AVX2-only core, so `dtype = "auto"` trains in fp32 there."""
+    BF16 or AMX. Elsewhere PyTorch emulates bf16 on the CPU, many times slower than fp32
+    (platform notes), so `dtype = "auto"` trains in fp32 there."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu":
@@ -79,8 +79,8 @@ def fast_bf16(device: torch.device) -> bool:
 
 
 def peak_flops(device: torch.device, dtype: str) -> float:
-    """Rough hardware peak for MFU. CPU: per-core numbers measured on the project's AVX-512
-    machines (platform notes: ~490 fp32 / ~980 bf16 GFLOP/s for 2 cores)."""
+    """Rough hardware peak for MFU: vendors' figures on GPUs, the platform notes' per-core
+    figures on CPUs."""
     bf16 = dtype == "bfloat16"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
