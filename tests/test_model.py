@@ -209,11 +209,12 @@ def test_sampler_follows_the_distribution_and_top_k():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).repeat(n, 1)
     ones, g = torch.ones(n, 1), torch.Generator().manual_seed(0)
     no_k = torch.zeros(n, 1, dtype=torch.long)
-    freq = torch.bincount(sample_next(logits, ones, ones, no_k, g), minlength=4) / n
+    freq = torch.bincount(sample_next(logits, ones, ones, no_k, torch.rand(n, 1, generator=g)),
+                          minlength=4) / n
     assert (freq - logits[0].softmax(-1)).abs().max() < 0.02
-    top2 = sample_next(logits, ones, ones, torch.full((n, 1), 2), g)
+    top2 = sample_next(logits, ones, ones, torch.full((n, 1), 2), torch.rand(n, 1, generator=g))
     assert set(top2.tolist()) == {0, 1}
-    greedy = sample_next(logits, torch.zeros(n, 1), ones, no_k, g)
+    greedy = sample_next(logits, torch.zeros(n, 1), ones, no_k, None)
     assert bool((greedy == 0).all())
 
 

@@ -199,10 +199,9 @@ def truncate(logits: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
 
 
 def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
-                top_k: torch.Tensor, generator: torch.Generator | None,
-                uniforms: torch.Tensor | None = None) -> torch.Tensor:
+                top_k: torch.Tensor, uniforms: torch.Tensor | None) -> torch.Tensor:
     """Next token per row from logits [B, V]; temperature 0 means greedy for that row.
-    uniforms [B, 1]: the rows' random draws (default: drawn from `generator`)."""
+    uniforms [B, 1]: the rows' random draws in [0, 1) (None only when no row samples)."""
     sampled_rows = temperature.view(-1) > 0
     if not bool(sampled_rows.any()):
         return greedy(logits)
@@ -213,8 +212,6 @@ def sample_next(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Te
     # vocabulary (one cumsum and a binary search per row); right=True never lands on a
     # zero-probability token.
     cdf = logits.softmax(-1).cumsum(-1)
-    if uniforms is None:
-        uniforms = torch.rand(cdf.shape[0], 1, generator=generator, device=cdf.device)
     u = uniforms * cdf[:, -1:]
     choice = torch.searchsorted(cdf, u, right=True).clamp_max(cdf.shape[-1] - 1).view(-1)
     if bool(sampled_rows.all()):
@@ -342,7 +339,7 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
             uniforms = draws(step, rows)
         elif sampled:
             uniforms = torch.rand(n, 1, device=device)[rows]
-        nxt = sample_next(logits, temps, tps, tks, None, uniforms)
+        nxt = sample_next(logits, temps, tps, tks, uniforms)
         nxt_list, row_list = nxt.tolist(), rows.tolist()
         if logprobs:
             logp = torch.log_softmax(logits.float(), -1).gather(-1, nxt.view(-1, 1)).view(-1)
