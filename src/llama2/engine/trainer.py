@@ -295,12 +295,6 @@ class Trainer:
             save(self.config, self.run_dir / "config.json")
         self._ready = True
 
-    def set_data(self, train_data: Any) -> None:
-        """Swap the training data source (bound to this run's batch and processes)."""
-        self.train_data = train_data
-        if self._ready and hasattr(train_data, "bind"):
-            train_data.bind(self.cfg.micro_batch_size, self.info.rank, self.info.world_size)
-
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over `accum` micro-batches from train_data (every process).
 
