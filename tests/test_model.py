@@ -10,7 +10,7 @@ import torch
 from conftest import shared_file
 from llama2 import checkpoint
 from llama2.generation import generate, log_likelihood
-from llama2.model import ModelArgs, Transformer, preset
+from llama2.model import Attention, ModelArgs, Transformer, preset
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
 
@@ -313,21 +313,23 @@ def test_static_cache_keeps_its_shape_and_masks_padding():
 
 
 def test_packed_twin_decodes_what_the_model_decodes(tmp_path):
-    """Eager CPU decoding runs a twin with oneDNN-packed large linears (llama2.packed): the 15M
-    config's 32k x 288 head and feed-forward (2 layers here) give transformers' greedy tokens,
-    one prompt and a batch, and the model's own log-probabilities; the twin shares every other
-    tensor and leaves the model untouched."""
+    """Eager CPU decoding runs a twin with fused projections ([wq; wk; wv], [w1; w3]) and
+    oneDNN-packed large linears where the kernel is exact here (llama2.packed): the 15M config
+    (2 layers) gives transformers' greedy tokens, one prompt and a batch, and the model's own
+    log-probabilities; the twin shares every other tensor and leaves the model untouched."""
     from llama2 import packed
     from llama2.generation import Decoder
 
-    if not packed.available():
-        pytest.skip("oneDNN's fp32 packed linear is missing or inexact on this CPU (steps aside)")
     torch.manual_seed(0)
     model = Transformer(preset("15M", n_layers=2)).eval()
     model.init_weights()
     decoder = Decoder(model)
     twin = decoder.twin
-    assert isinstance(twin.output, packed.PackedLinear) and type(model.output) is torch.nn.Linear
+    assert isinstance(twin.layers[0].attention, packed.FusedAttention)
+    assert isinstance(twin.layers[0].feed_forward, packed.FusedFeedForward)
+    assert type(model.layers[0].attention) is Attention and hasattr(model.layers[0].attention, "wq")
+    big = packed.PackedLinear if packed.available() else torch.nn.Linear
+    assert type(twin.output) is big and type(model.output) is torch.nn.Linear
     assert twin.tok_embeddings.weight is model.tok_embeddings.weight
     checkpoint.export_hf(model, None, tmp_path)
     peer = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()

@@ -87,8 +87,9 @@ class Decoder:
     compile: None chooses per device: compiled on CUDA, where a step is dominated by launching
     kernels (CUDA graphs remove that), eager on CPU, where compiling costs more than the
     pipeline's many short generate calls with ever new shapes save.
-    packed: eager CPU decoding runs a twin of the model with oneDNN-packed large linears
-    (`llama2.packed`; None where it steps aside or under autocast)."""
+    packed: eager CPU decoding runs a twin of the model with fused projections and
+    oneDNN-packed large linears (`llama2.packed`; None where it steps aside or under
+    autocast)."""
 
     def __init__(self, model: Transformer, compile: bool | None = None, packed: bool = True):
         self.model = model
@@ -104,8 +105,8 @@ class Decoder:
         self._cache: KVCache | None = None
 
     def net(self) -> Transformer:
-        """The model this call decodes with: the packed twin where there is one and autocast
-        (whose activations it would refuse) is off."""
+        """The model this call decodes with: the twin where there is one and autocast (whose
+        activations its packed weights would refuse) is off."""
         if self.twin is None or torch.is_autocast_enabled("cpu"):
             return self.model
         return self.twin
@@ -317,10 +318,15 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
     prefill_mask = causal_padding_mask(valid[:, :cache.length or total], longest)
     h = model.hidden(tokens, positions=positions, mask=prefill_mask, cache=cache,
                      input_pos=torch.arange(longest, device=device))
-    # A step's mask is the cache's real positions (no left padding) up to its own.
-    causal = torch.ones(total, total, dtype=torch.bool, device=device).tril().view(total, 1, 1, 1, -1)
-    valid = valid.view(n, 1, 1, total)
     logits = model.output(h[:, -1])
+    # A step attends to the cache's real positions (no left padding) up to its own, through an
+    # additive mask (0 or -inf) made once here: a boolean one is converted in every layer.
+    autocast = torch.is_autocast_enabled(device.type)
+    dtype = torch.get_autocast_dtype(device.type) if autocast else logits.dtype
+    bias = torch.zeros(n, 1, 1, total, dtype=dtype, device=device).masked_fill_(
+        ~valid.view(n, 1, 1, total), float("-inf"))
+    causal = (torch.full((total, total), float("-inf"), dtype=dtype, device=device).triu(1)
+              if decoder.compiled else None)  # eager attends over the written positions only
 
     sampled = bool((temps > 0).any())
     draws = RowDraws(seed, device) if sampled and seed is not None else None
@@ -362,15 +368,15 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
             keep[done] = False
             cache.select(keep)
             rows, nxt, pos = rows[keep], nxt[keep], pos[keep]
-            temps, tps, tks, valid = temps[keep], tps[keep], tks[keep], valid[keep]
+            temps, tps, tks, bias = temps[keep], tps[keep], tks[keep], bias[keep]
             active = list(range(len(rows)))
         elif done:  # a compiled step keeps its shapes: finished rows stay, unread
             active = [j for j in active if j not in done]
         t = longest + step
         if decoder.compiled:
-            mask = valid & causal[t]
-        else:  # eager: attend over the positions written so far only
-            cache.length, mask = t + 1, valid[..., :t + 1] & causal[t, ..., :t + 1]
+            mask = bias + causal[t]
+        else:
+            cache.length, mask = t + 1, bias[..., :t + 1]
         logits = decoder.step(model, cache, nxt.view(-1, 1), torch.tensor([t], device=device),
                               pos, mask)
         pos = pos + 1

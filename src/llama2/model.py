@@ -102,7 +102,7 @@ class RMSNorm(nn.Module):
         # Normalize in fp32 as the reference does, then cast back (matters under bf16); an fp32
         # input skips the casts (decoding pays per operation).
         xf = x if x.dtype == torch.float32 else x.float()
-        out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        out = F.rms_norm(xf, xf.shape[-1:], eps=self.eps)  # x * rsqrt(mean(x^2) + eps)
         return (out if out.dtype == x.dtype else out.type_as(x)) * self.weight
 
 
@@ -144,12 +144,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * self.head_dim, args.dim, bias=False)
 
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys side by side [B, T, (n_heads + n_kv_heads) * head_dim], and values
+        (`llama2.packed`'s decoding twin computes all three in one product)."""
+        return torch.cat((self.wq(x), self.wk(x)), -1), self.wv(x)
+
     def forward(self, x, cos, sin, mask=None, cache: Cache | None = None,
                 input_pos: torch.Tensor | None = None, slots: torch.Tensor | None = None):
         B, T, _ = x.shape
-        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        qk, v = self.project(x)
         # Rotate queries and keys in one call: they share positions (decoding pays per call).
-        qk = apply_rope(torch.cat((q, k), -1).view(B, T, -1, self.head_dim), cos, sin)
+        qk = apply_rope(qk.view(B, T, -1, self.head_dim), cos, sin)
         q, k = qk.split_with_sizes((self.n_heads, self.n_kv_heads), 2)
         v = v.view(B, T, self.n_kv_heads, self.head_dim)
         if slots is not None:  # unpadded tokens [1, T]: attend in the mask's padded layout

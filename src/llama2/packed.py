@@ -1,13 +1,15 @@
-"""A CPU fast path for decoding: a twin of the model whose large fp32 linears hold oneDNN-packed
-weights.
+"""A CPU fast path for decoding: a twin of the model that computes each layer's projections in
+fewer, larger products, its large fp32 linears holding oneDNN-packed weights.
 
-On CPU, torch's fp32 products of a few rows by a large matrix (a decoding step) go through the
-BLAS, which on the project's machines streams a large matrix far below memory bandwidth;
-oneDNN's prepacked weights (the kernel inductor uses for frozen CPU inference) read it several
-times faster (bench/bench_model.py). `packed_twin` makes a twin that shares every tensor of the
-model except those linears' weights, which it holds packed. Its lifetime is its holder's (a
-`generation.Decoder`), and it is valid only while the model's weights do not change. Where the
-kernel is missing or does not reproduce `F.linear` on this CPU, it steps aside (None).
+A decoding step multiplies a few rows by each matrix, so on CPU it pays per operation and the
+BLAS streams a large matrix far below memory bandwidth. The twin (1) computes queries, keys and
+values in one product and the SwiGLU's gate and up projections in another (as gpt-fast's
+`wqkv`), and (2) holds oneDNN's prepacked weights (the kernel inductor uses for frozen CPU
+inference) for the large ones; bench/bench_model.py times both. `packed_twin` makes a twin that
+shares every tensor of the model except the fused and packed weights. Its lifetime is its
+holder's (a `generation.Decoder`), and it is valid only while the model's weights do not change.
+It steps aside (None) off CPU, outside fp32, and where the packed kernel is missing or does not
+reproduce `F.linear` on this CPU it keeps plain fused weights.
 """
 
 from __future__ import annotations
@@ -15,10 +17,13 @@ from __future__ import annotations
 import copy
 import functools
 import itertools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from llama2.model import Attention, FeedForward
 
 # From this many elements up (the 15M config's feed-forward and output matrices): smaller ones
 # multiply as fast or faster through the BLAS at one row.
@@ -55,21 +60,62 @@ def available() -> bool:
         return False
 
 
-def packed_twin(model: nn.Module, min_numel: int = MIN_NUMEL) -> nn.Module | None:
-    """A twin of `model` with its large plain-CPU fp32 nn.Linear modules packed, sharing every
-    other tensor; None where nothing would be packed or the kernel is not available."""
-    def packable(m: nn.Module) -> bool:
-        w = getattr(m, "weight", None)
-        return (type(m) is nn.Linear and m.bias is None and w.numel() >= min_numel
-                and w.device.type == "cpu" and w.dtype == torch.float32
-                and type(w.data) is torch.Tensor)  # not an FSDP DTensor
+class FusedAttention(Attention):
+    """`Attention` whose `project` is one product: [wq; wk; wv] stacked (the same forward)."""
 
-    if not any(packable(m) for m in model.modules()) or not available():
-        return None
+    def __init__(self, attn: Attention, linear: Callable[[nn.Module], nn.Module]):
+        nn.Module.__init__(self)  # not Attention's: it would allocate the separate weights
+        self.layer_id = attn.layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+        self.n_qk = (attn.n_heads + attn.n_kv_heads) * attn.head_dim
+        self.wqkv = linear(stacked(attn.wq, attn.wk, attn.wv))
+        self.wo = linear(attn.wo)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.wqkv(x)
+        return y[..., :self.n_qk], y[..., self.n_qk:]
+
+
+class FusedFeedForward(nn.Module):
+    """SwiGLU with the gate and up projections in one product: [w1; w3] stacked."""
+
+    def __init__(self, ffn: FeedForward, linear: Callable[[nn.Module], nn.Module]):
+        super().__init__()
+        self.w13 = linear(stacked(ffn.w1, ffn.w3))
+        self.w2 = linear(ffn.w2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w13(x).chunk(2, -1)
+        return self.w2(F.silu(gate) * up)
+
+
+def stacked(*linears: nn.Linear) -> nn.Linear:
+    """One bias-free linear whose output is the given linears' outputs side by side."""
+    weight = torch.cat([m.weight.detach() for m in linears])
+    out = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")  # no init
+    out.weight = nn.Parameter(weight, requires_grad=False)
+    return out
+
+
+def packed_twin(model: nn.Module, min_numel: int = MIN_NUMEL) -> nn.Module | None:
+    """A decoding twin of `model` (a `model.Transformer`): fused projections, linears of at
+    least `min_numel` weights packed, every other tensor shared; None off CPU or outside fp32."""
+    w = model.output.weight
+    if w.device.type != "cpu" or w.dtype != torch.float32 or type(w.data) is not torch.Tensor:
+        return None  # FSDP's DTensors, bf16 and GPU weights decode as they are
+    pack = available()
+
+    def linear(m: nn.Module) -> nn.Module:
+        return PackedLinear(m) if pack and m.weight.numel() >= min_numel else m
+
     shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
     twin = copy.deepcopy(model, shared)
-    for parent in twin.modules():
+    for parent in list(twin.modules()):  # the twin's modules before replacing any
         for name, child in parent.named_children():
-            if packable(child):
-                setattr(parent, name, PackedLinear(child))
+            if isinstance(child, Attention):
+                setattr(parent, name, FusedAttention(child, linear))
+            elif isinstance(child, FeedForward):
+                setattr(parent, name, FusedFeedForward(child, linear))
+            elif type(child) is nn.Linear and child.bias is None:
+                setattr(parent, name, linear(child))
     return twin
