@@ -4,7 +4,8 @@
 the loss curve matches the single-process one to float tolerance, while each process
 holds half of the parameters and optimizer state. Checkpoints move between the two. A
 generating stage splits its prompts over the ranks and writes the one-process run's files;
-only rank 0 writes and logs; a stage that is not distributed runs once, on rank 0.
+PPO shards its trained models and splits its rollouts and minibatches; only rank 0 writes and
+logs; a stage that is not distributed runs once, on rank 0.
 """
 
 from __future__ import annotations
@@ -174,44 +175,82 @@ def test_rejection_sampling_writes_the_one_process_files(models: dict[str, str],
 SCRIPT = """
 import json, sys
 from llama2 import checkpoint
-from llama2.cli import main
 from llama2.engine import distributed
 from llama2.respond import respond
 
-policy, out, *ppo = sys.argv[1:]
+policy, out = sys.argv[1:]
 info = distributed.init("cpu")
 loaded = checkpoint.load(policy)
 model = distributed.shard_model(loaded.model, info)
 answers = respond(model, loaded.tokenizer, [[{"role": "user", "content": f"Say {w}."}]
                   for w in ("yes", "no", "maybe", "hello", "bye")], 12, temperature=1.0,
                   seed=5)
+alone = distributed.rank0_only("a lone stage", lambda: distributed.current().world_size)
 if info.is_main:
-    json.dump(answers, open(out, "w"))
-main(["ppo", *ppo])
+    json.dump({"answers": answers, "alone": alone}, open(out, "w"))
+del model  # dropped before the process group goes (shutdown frees it)
+distributed.shutdown()
 """
 
 
 def test_sharded_generation_and_a_rank0_only_stage(models: dict[str, str],
                                                    tmp_path: Path) -> None:
     """An FSDP-sharded policy answers under torchrun what the whole one answers in one
-    process (gathered once, the prompts split over the ranks); PPO, not distributed yet, says
-    so in one line and runs once, on rank 0, while the other rank waits."""
+    process (gathered once, the prompts split over the ranks); a stage that is not distributed
+    says so in one line and runs once, on rank 0, seeing one process, while the other waits."""
     from llama2 import checkpoint
     from llama2.respond import respond
 
     script = tmp_path / "script.py"
     script.write_text(SCRIPT)
-    ppo = ["--model", models["policy"], "--helpful_rm", models["rm_helpful"], "--safety_rm",
-           models["rm_safety"], "--out", str(tmp_path / "ppo"), "--n_prompts", "16",
-           "--heldout_prompts", "4", "--iterations", "2", "--batch_prompts", "8",
-           "--minibatch", "4", "--max_new_tokens", "8", "--eval_every", "1", "--device", "cpu"]
-    r = _run([models["policy"], str(tmp_path / "answers.json"), *ppo], 2, script)
+    r = _run([models["policy"], str(tmp_path / "out.json")], 2, script)
     loaded = checkpoint.load(models["policy"])
     want = respond(loaded.model, loaded.tokenizer, [[{"role": "user", "content": f"Say {w}."}]
                    for w in ("yes", "no", "maybe", "hello", "bye")], 12, temperature=1.0,
                    seed=5)
-    assert json.loads((tmp_path / "answers.json").read_text()) == want
+    got = json.loads((tmp_path / "out.json").read_text())
+    assert got == {"answers": want, "alone": 1}
     assert r.stderr.count("not distributed yet") == 1
-    assert "llama2 ppo: not distributed yet: runs on rank 0" in r.stderr
-    recs = _records(tmp_path / "ppo" / "ppo_metrics.jsonl")
-    assert [x["iteration"] for x in recs if "reward" in x] == [1, 2]  # each iteration once
+    assert "a lone stage: not distributed yet: runs on rank 0" in r.stderr
+
+
+PPO_CURVES = ("reward", "kl", "policy_loss", "value_loss", "entropy", "approx_kl",
+              "grad_norm", "value_grad_norm", "heldout_reward", "heldout_gold")
+
+
+def test_ppo_two_processes_match_one(models: dict[str, str], tmp_path: Path) -> None:
+    """PPO under torchrun: the same rollouts (each prompt its own seeded stream, wherever it is
+    generated), the same reward, KL and loss per iteration (the global batch's statistics, the
+    minibatch's gradient summed over the ranks), half of the policy's and value model's
+    parameters and AdamW moments per process, each iteration logged once and the result
+    printed once. The frozen models sharded instead of replicated change nothing, and a
+    sharded run's checkpoint continues in one process to the one-process curves."""
+    args = ["ppo", "--model", models["policy"], "--helpful_rm", models["rm_helpful"],
+            "--safety_rm", models["rm_safety"], "--n_prompts", "16", "--heldout_prompts", "4",
+            "--batch_prompts", "8", "--minibatch", "4", "--max_new_tokens", "8",
+            "--eval_every", "1", "--lr", "1e-2", "--value_lr", "1e-3", "--beta", "0.05",
+            "--device", "cpu"]
+    one, two, three = tmp_path / "one", tmp_path / "two", tmp_path / "three"
+    _run([*args, "--iterations", "3", "--out", str(one)], 1)
+    r2 = _run([*args, "--iterations", "3", "--out", str(two)], 2)
+    _run([*args, "--iterations", "2", "--frozen", "sharded", "--out", str(three)], 2)
+    _run([*args, "--iterations", "3", "--resume", "--out", str(three)], 1)
+
+    def curves(run: Path) -> dict[str, dict[int, float]]:
+        recs = _records(run / "ppo_metrics.jsonl")
+        return {k: {r["iteration"]: r[k] for r in recs if k in r} for k in PPO_CURVES}
+
+    want = curves(one)
+    assert list(want["reward"]) == [1, 2, 3] and want["kl"][3] > 0  # the policy moves
+    for run in (two, three):
+        got = curves(run)
+        for k in PPO_CURVES:  # sums of rounded float32 terms: equal to about 1e-5
+            _close(want[k], got[k])
+    assert [r["iteration"] for r in _records(two / "ppo_metrics.jsonl")] == [0, 1, 2, 3]
+    assert r2.stdout.count("model written to") == 1
+    s1 = json.loads((one / "summary.json").read_text())
+    s2 = json.loads((two / "summary.json").read_text())
+    assert s2["best_iteration"] == s1["best_iteration"] and s2["world_size"] == 2
+    whole = s1["per_rank"][0]["param_bytes"] + s1["per_rank"][0]["optimizer_bytes"]
+    assert len(s2["per_rank"]) == 2 and all(
+        r["param_bytes"] + r["optimizer_bytes"] < 0.6 * whole for r in s2["per_rank"])

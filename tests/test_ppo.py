@@ -81,3 +81,20 @@ def test_killed_ppo_resumes_from_the_engine_checkpoint_to_the_same_end(models, t
     got, want = _weights(killed), _weights(full)
     assert sorted(got) == sorted(want)
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_ppo_sizes_are_global_and_must_split_over_the_processes(models, tmp_path, monkeypatch):
+    """batch_prompts and minibatch are global sizes: a process count that does not divide one
+    is a one-line error naming it, before any model is loaded."""
+    import dataclasses
+
+    from llama2.engine import distributed
+
+    monkeypatch.setattr(distributed, "init", lambda device="auto": distributed.DistInfo(
+        world_size=3))
+    cfg = _cfg(models, tmp_path)
+    for fix, field in (({}, "batch_prompts 16"), ({"batch_prompts": 24}, "minibatch 8"),
+                       ({"frozen": "halved"}, "frozen")):
+        with pytest.raises(distributed.LaunchError, match=f"^{field}"):
+            PPO(dataclasses.replace(cfg, **fix))
+    assert not any(tmp_path.iterdir())

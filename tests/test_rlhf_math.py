@@ -225,3 +225,39 @@ def test_selection_quality_judges_the_reward_pick_against_the_samples():
     assert bad["n_helpful_prompts"] == 6 and bad["mean_sample"] == good["mean_sample"]
     assert bad["pick"] < bad["mean_sample"] < good["pick"] == good["best_sample"]
     assert selection_quality([], [], torch.zeros(0, 2)) == {}
+
+
+def test_shares_of_a_batch_give_the_batch_s_whitening_and_losses():
+    """PPO under torchrun: each process holds some rows. With the batch's token count the
+    losses' parts add up to the batch's loss, and whiten with `total` (an all-reduce, here two
+    threads that sum what they exchange) gives each share its rows of the batch's whitening."""
+    import threading
+
+    g = torch.Generator().manual_seed(0)
+    x, adv = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    mask = (torch.rand(6, 5, generator=g) > 0.3).float()
+    shares = (slice(0, 2), slice(2, 6))
+    count = mask.sum()
+    loss, _ = policy_loss(x, x.flip(0), adv, mask)
+    parts = [policy_loss(x[s], x.flip(0)[s], adv[s], mask[s], count=count)[0] for s in shares]
+    assert torch.allclose(sum(parts), loss, atol=1e-6)
+
+    barrier, slots = threading.Barrier(2), [None, None]
+    got: list[torch.Tensor] = [torch.empty(0), torch.empty(0)]
+
+    def run(rank: int) -> None:
+        def total(t: torch.Tensor) -> torch.Tensor:
+            slots[rank] = t
+            barrier.wait()
+            out = slots[0] + slots[1]
+            barrier.wait()  # both have read before the next exchange overwrites the slots
+            return out
+
+        got[rank] = whiten(x[shares[rank]], mask[shares[rank]], total=total)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert torch.allclose(torch.cat(got), whiten(x, mask), atol=1e-6)

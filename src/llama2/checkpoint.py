@@ -55,6 +55,12 @@ def _find_tokenizer(folder: Path, vocab_size: int | None = None) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def tokenizer_path(path: str | os.PathLike) -> Path | None:
+    """The tokenizer.model a checkpoint at `path` ("PATH#fmt" too) loads with, or None."""
+    p = Path(str(path).split("#", 1)[0])
+    return _find_tokenizer(p if p.is_dir() else p.parent)
+
+
 def _check_vocab(tok: Tokenizer | None, args: ModelArgs, where: Path) -> None:
     if tok is not None and tok.n_words != args.vocab_size:
         raise CheckpointError(f"{where}: the tokenizer has {tok.n_words} pieces but the model's "

@@ -5,7 +5,8 @@ when their command runs, so `llama2 --help` is fast and stages stay independent.
 
 Under torchrun every command follows one rule (engine/distributed.py): the ranks share the
 work, only rank 0 writes and logs, and a command in RANK0_ONLY runs on rank 0 alone while the
-others wait, after one line that says so.
+others wait, after one line that says so. A bad launch (`LaunchError`: found the same way on
+every rank) is one line from rank 0; the command's run-directory lock goes when it ends.
 """
 
 from __future__ import annotations
@@ -39,10 +40,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-# Commands that are not distributed (yet): tools, interactive commands, and PPO (one process
-# holds its four models; the pipeline runs PPO inside, so it is one process too for now).
-RANK0_ONLY = {"convert", "chat", "serve", "tokenizer", "prepare", "world", "report", "ppo",
-              "pipeline"}
+# Commands that are not distributed (yet): tools and interactive commands.
+RANK0_ONLY = {"convert", "chat", "serve", "tokenizer", "prepare", "world", "report"}
 
 
 def _usage() -> str:
@@ -89,7 +88,15 @@ def main(argv: list[str] | None = None) -> None:
 
         if os.environ.get("LLAMA2_DEBUG"):
             raise
+        if isinstance(e, distributed.LaunchError):  # every rank has it: said once, by rank 0
+            distributed.exit_on_launch_error(f"llama2 {name}: error: {e}")
         sys.exit(f"llama2 {name}: error: {e}")
+    finally:
+        # The command is over: its run directory's lock goes (contract.claim), also when
+        # called from Python; imported only if the command took one.
+        contract = sys.modules.get("llama2.stages.contract")
+        if contract is not None:
+            contract.release()
 
 
 if __name__ == "__main__":

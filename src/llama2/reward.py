@@ -57,7 +57,8 @@ class RewardModel(nn.Module):
 
     def values(self, tokens: torch.Tensor) -> torch.Tensor:
         """A score at every position [B, T]: the PPO value head reads the RM this way."""
-        return self.score_head(self.transformer.hidden(tokens)).squeeze(-1).float()
+        scores = self.score_head(self.transformer.hidden(tokens)).squeeze(-1).float()
+        return scores.clone()  # not a view (FSDP2 hooks the outputs)
 
 
 def from_policy(policy: Transformer) -> RewardModel:
@@ -221,11 +222,39 @@ def score(rm: RewardModel, tok: Tokenizer, dialogs: list[Dialog], responses: lis
     return out
 
 
-class Scorer:
-    """A reward model loaded from disk, called as `scorer(dialogs, responses)`."""
+PolicyTokenizer = Tokenizer | str | os.PathLike | None  # a tokenizer, or a checkpoint's
 
-    def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu"):
+
+def check_tokenizer(folder: str | os.PathLike, tok: Tokenizer, policy: PolicyTokenizer) -> None:
+    """The reward model at `folder` (tokenizer `tok`) must read the policy's tokens: the same
+    SentencePiece model, byte for byte (the paper initializes RMs from the chat model; PPO's
+    value model reads the policy's token ids). `policy`: its tokenizer, or a checkpoint path
+    ("PATH#fmt" too) whose tokenizer.model to compare with; None checks nothing. Every rank
+    loads the RMs, so a mismatch is a one-line LaunchError."""
+    from llama2.checkpoint import tokenizer_path
+    from llama2.engine.distributed import LaunchError
+
+    if policy is None:
+        return
+    if not isinstance(policy, Tokenizer):
+        path = tokenizer_path(policy)
+        if path is None:  # a checkpoint without its own tokenizer: nothing to compare with
+            return
+        policy = Tokenizer(path)
+    if tok.model_proto != policy.model_proto:
+        raise LaunchError(f"{folder}: the reward model's tokenizer ({tok.n_words} pieces) is not "
+                          f"the policy's ({policy.n_words} pieces); train the reward model from "
+                          "the policy's checkpoint (or its SFT model)")
+
+
+class Scorer:
+    """A reward model loaded from disk, called as `scorer(dialogs, responses)`; with `policy`
+    (a tokenizer or checkpoint path) it must share the policy's tokenizer (`check_tokenizer`)."""
+
+    def __init__(self, folder: str | os.PathLike, device: str | torch.device = "cpu",
+                 policy: PolicyTokenizer = None):
         self.rm, self.tok, self.meta = load_reward_model(folder, device)
+        check_tokenizer(folder, self.tok, policy)
         self.kind: str = self.meta.get("kind", "helpfulness")
 
     def __call__(self, dialogs: list[Dialog], responses: list[str]) -> torch.Tensor:
@@ -237,12 +266,15 @@ class TwoRewardModels:
     """The Helpfulness and Safety RMs behind one call: probabilities Rs, Rh and the piecewise Rc
     (`rlhf_math.piecewise`).
 
-    Rejection sampling ranks samples by Rc; PPO whitens LOGIT(Rc) (paper §3.2.3)."""
+    Rejection sampling ranks samples by Rc; PPO whitens LOGIT(Rc) (paper §3.2.3). Both RMs
+    read one tokenizer: the policy's (`policy`, see `check_tokenizer`), or without it each
+    other's."""
 
     def __init__(self, helpful: str | os.PathLike, safety: str | os.PathLike,
                  device: str | torch.device = "cpu", threshold: float = SAFETY_THRESHOLD,
-                 safety_switch: bool = True):
-        self.helpful, self.safety = Scorer(helpful, device), Scorer(safety, device)
+                 safety_switch: bool = True, policy: PolicyTokenizer = None):
+        self.helpful = Scorer(helpful, device, policy)
+        self.safety = Scorer(safety, device, policy or self.helpful.tok)
         self.threshold, self.safety_switch = threshold, safety_switch
 
     def __call__(self, dialogs: list[Dialog], responses: list[str], is_safety: list[bool]
@@ -295,9 +327,11 @@ def _dialog_key(dialog: Dialog) -> str:
 
 
 def proxy_and_gold(kind: str, helpful_rm: str, safety_rm: str, prompts: list,
-                   device: str | torch.device = "cpu", safety_switch: bool = True):
+                   device: str | torch.device = "cpu", safety_switch: bool = True,
+                   policy: PolicyTokenizer = None):
     """(the reward to optimize, the RMs' proxy reward, the annotators' gold reward or None where
-    a prompt is not the world's) for reward `kind` ("rm" or "annotator")."""
+    a prompt is not the world's) for reward `kind` ("rm" or "annotator"); `policy`: the
+    policy's tokenizer, which the RMs must share (`check_tokenizer`)."""
     if kind not in REWARDS:
         raise ValueError(f"reward must be one of {REWARDS}, got {kind!r}")
     gold = AnnotatorReward(prompts, safety_switch=safety_switch)
@@ -305,5 +339,6 @@ def proxy_and_gold(kind: str, helpful_rm: str, safety_rm: str, prompts: list,
         if kind == "annotator":
             raise ValueError("reward = \"annotator\" needs world prompts (prompts = [\"world\"])")
         gold = None
-    proxy = TwoRewardModels(helpful_rm, safety_rm, device=device, safety_switch=safety_switch)
+    proxy = TwoRewardModels(helpful_rm, safety_rm, device=device, safety_switch=safety_switch,
+                            policy=policy)
     return (gold if kind == "annotator" else proxy), proxy, gold

@@ -11,7 +11,8 @@ Reward models (§4):
 The two-RM reward (§6):
 - `piecewise(rs, rh, is_safety)`: Rc = Rs if IS_SAFETY(p) or Rs < 0.15 else Rh.
 - `logit(p)`: LOGIT, the inverse of the sigmoid.
-- `whiten(x, mask=None)`: WHITEN, zero mean and unit variance (over the mask's entries).
+- `whiten(x, mask=None, total=None)`: WHITEN, zero mean and unit variance (over the mask's
+  entries; with `total`, an all-reduce, over the entries of every process's share).
 - `normalized_reward(rc)`: R~c = WHITEN(LOGIT(Rc)), one score per sequence.
 
 PPO (§6):
@@ -23,6 +24,8 @@ PPO (§6):
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -72,20 +75,33 @@ def logit(p: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return torch.log(p) - torch.log1p(-p)
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `x` over the entries where `mask` is 1 (0 if there are none)."""
-    return (x * mask).sum() / mask.sum().clamp_min(1)
+def masked_mean(x: torch.Tensor, mask: torch.Tensor,
+                count: torch.Tensor | float | None = None) -> torch.Tensor:
+    """Mean of `x` over the entries where `mask` is 1 (0 if there are none).
+
+    count: the number of entries the mean is over when `x` is one process's share of a batch
+    (the batch's valid entries): then this is the share's part of the batch's mean, and the
+    parts of all shares add up to it. None: `mask`'s own count (`x` is the whole batch)."""
+    n = mask.sum() if count is None else torch.as_tensor(count, dtype=mask.dtype,
+                                                          device=mask.device)
+    return (x * mask).sum() / n.clamp_min(1)
 
 
-def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8
-           ) -> torch.Tensor:
+def whiten(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-8,
+           total: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """WHITEN: (x - mean) / sqrt(var + eps), mean and (biased) variance over all of `x`, or
-    over the entries where `mask` is 1 (the others come out 0)."""
-    if mask is None:
+    over the entries where `mask` is 1 (the others come out 0).
+
+    total: where `x` is one process's share of a batch, the sum of a tensor over the processes
+    (an all-reduce), so that the moments are the whole batch's; None: `x` is the whole batch."""
+    if mask is None and total is None:
         mean = x.mean()
         return (x - mean) * torch.rsqrt(((x - mean) ** 2).mean() + eps)
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
+    mask = torch.ones_like(x) if mask is None else mask
+    total = total or (lambda t: t)
+    count = total(mask.sum())
+    mean = total(masked_mean(x, mask, count))  # the shares' parts add up to the batch's mean
+    var = total(masked_mean((x - mean) ** 2, mask, count))
     return (x - mean) * torch.rsqrt(var + eps) * mask
 
 
@@ -128,17 +144,21 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
 
 
 def policy_loss(logp: torch.Tensor, old_logp: torch.Tensor, adv: torch.Tensor,
-                mask: torch.Tensor, clip: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+                mask: torch.Tensor, clip: float = 0.2,
+                count: torch.Tensor | float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The clipped surrogate: mean over valid tokens of max(-A * ratio, -A * clip(ratio,
-    1 - clip, 1 + clip)), ratio = pi / pi_old. Returns (loss, ratio)."""
+    1 - clip, 1 + clip)), ratio = pi / pi_old. Returns (loss, ratio). count: the minibatch's
+    valid tokens when these rows are one process's share of it (`masked_mean`)."""
     ratio = torch.exp(logp - old_logp)
     pg = torch.max(-adv * ratio, -adv * ratio.clamp(1 - clip, 1 + clip))
-    return masked_mean(pg, mask), ratio
+    return masked_mean(pg, mask, count), ratio
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
-               mask: torch.Tensor, clip: float = 0.2) -> torch.Tensor:
+               mask: torch.Tensor, clip: float = 0.2,
+               count: torch.Tensor | float | None = None) -> torch.Tensor:
     """The clipped value loss: 0.5 * mean over valid tokens of max((V - R)^2, (V_clip - R)^2),
-    V_clip = V_old + clip(V - V_old, -clip, clip)."""
+    V_clip = V_old + clip(V - V_old, -clip, clip). count: as `policy_loss`'s."""
     v_clip = old_values + (values - old_values).clamp(-clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clip - returns) ** 2), mask)
+    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (v_clip - returns) ** 2), mask,
+                             count)

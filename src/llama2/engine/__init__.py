@@ -42,7 +42,8 @@ API
   `is_main()` (only rank 0 writes and logs; `rank0_logs`), `current()` (the ranks generation
   and scoring share their inputs with; `gather_shares`), `gathered(model)` (a sharded model
   whole, once per generation phase), `rank0_only(name, fn)` (a stage not distributed yet:
-  rank 0 runs it, the others wait).
+  rank 0 runs it, the others wait; `on_rank0(fn)` without the notice), `LaunchError` (a bad
+  launch every rank finds: printed once, by rank 0).
 """
 
 from llama2.engine.config import TrainConfig

@@ -76,15 +76,31 @@ class TrainConfig:
             return max(1, self.global_batch_tokens // seq_len)
         return self.global_batch or self.micro_batch_size * world_size
 
-    def micro_batch(self, world_size: int, seq_len: int | None = None) -> int:
-        """The micro-batch size for `world_size` processes: micro_batch_size, or where that
-        does not split the global batch evenly over the processes, the largest size below it
-        that does. The global batch stays what the config says whatever the process count
-        (the micro-batch size only trades memory for steps)."""
+    def check_world(self, world_size: int, seq_len: int | None = None,
+                    where: str = "train") -> int:
+        """The global batch in sequences, which must split evenly over `world_size` processes
+        (each takes an equal share of every step); else a one-line LaunchError naming the field
+        (`where`: the section's dotted path). The micro-batch adapts, the global batch does
+        not: it is the step the settings describe."""
+        from llama2.engine.distributed import LaunchError
+
         total = self.global_sequences(world_size, seq_len)
         if total % world_size:
-            raise ValueError(f"global batch of {total} sequences does not split over "
-                             f"{world_size} processes")
+            field = (f"{where}.global_batch_tokens {self.global_batch_tokens} ({total} "
+                     "sequences)" if self.global_batch_tokens else
+                     f"{where}.global_batch {self.global_batch}")
+            raise LaunchError(f"{field}: a global batch of {total} sequences does not split "
+                              f"over {world_size} processes; launch a number of processes "
+                              f"that divides it, or make it a multiple of {world_size}")
+        return total
+
+    def micro_batch(self, world_size: int, seq_len: int | None = None) -> int:
+        """The micro-batch size for `world_size` processes: micro_batch_size, or where that
+        does not split a process's share of the global batch evenly, the largest size below
+        it that does. The global batch stays what the config says whatever the process count
+        (the micro-batch size only trades memory for steps); it must split over the processes
+        (`check_world`)."""
+        total = self.check_world(world_size, seq_len)
         per_rank = total // world_size
         return max(m for m in range(1, min(self.micro_batch_size, per_rank) + 1)
                    if per_rank % m == 0)

@@ -23,7 +23,10 @@ with a barrier after (stages/contract.py). Generation and scoring split their in
 ranks of `current()` (respond.py, reward.score); training shards the model (Trainer). A stage
 that is not distributed (yet) runs through `rank0_only(name, fn)`: one line says so, rank 0
 runs it alone (inside, `launched()` is False: the stage sees one process) and the others wait
-at a barrier, so nothing is done twice.
+at a barrier, so nothing is done twice; `on_rank0(fn)` does the same for work too small to
+share, without the notice. A bad launch that every rank finds the same way (settings that do
+not fit the process count, a run directory another launch holds) is a `LaunchError`, which
+the command line prints once, from rank 0.
 """
 
 from __future__ import annotations
@@ -44,6 +47,14 @@ T = TypeVar("T")
 _ALONE = False  # inside rank0_only's body on rank 0: the code sees one process
 _WAIT: Any = None  # the gloo group non-main ranks wait in during rank0_only (long timeout)
 WAIT_TIMEOUT = datetime.timedelta(days=7)
+LAUNCH_ERROR_GRACE_S = 10.0  # how long a rank other than 0 waits for rank 0 to say a LaunchError
+
+
+class LaunchError(ValueError):
+    """A bad launch (settings that do not fit the process count, a run directory another launch
+    holds, models that do not fit together), found the same way on every rank: from what every
+    rank reads, or from rank 0's answer broadcast. The command line prints it once, from rank 0
+    (`exit_on_launch_error`)."""
 
 
 @dataclass
@@ -109,13 +120,17 @@ def init(device: str = "auto") -> DistInfo:
 
 
 def shutdown() -> None:
-    """Leave the process group (the command line does, once a command is over). The barrier
-    first avoids gloo aborting at exit (platform notes: 'terminate called without an active
-    exception' without it)."""
+    """Leave the process group (the command line does, once a command is over). Models the
+    command dropped are freed and the ranks meet at a barrier first: gloo aborts at exit now
+    and then otherwise ('terminate called without an active exception', platform notes; FSDP2
+    modules still alive when the group goes)."""
     global _WAIT
     if _ALONE:
         return
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()
         dist.barrier()
         dist.destroy_process_group()
     _WAIT = None
@@ -128,6 +143,17 @@ def rank0_only(name: str, fn: Callable[[], T]) -> T | None:
 
     The waiting ranks sit in a gloo group of their own with a long timeout (a stage may run
     for hours); if rank 0 fails, torchrun ends them."""
+    if launched() and is_main():
+        print(f"{name}: not distributed yet: runs on rank 0 while the other "
+              f"{int(os.environ['WORLD_SIZE']) - 1} process(es) wait", file=sys.stderr,
+              flush=True)
+    return on_rank0(fn)
+
+
+def on_rank0(fn: Callable[[], T]) -> T | None:
+    """Run `fn` on rank 0 alone (inside, `launched()` is False) while the other ranks wait at
+    a barrier and get None; without torchrun just `fn()`. For work too small to share (the
+    world's corpus, a tokenizer, the report); `rank0_only` is this with a notice."""
     global _ALONE, _WAIT
     if not launched():
         return fn()
@@ -137,8 +163,6 @@ def rank0_only(name: str, fn: Callable[[], T]) -> T | None:
         _WAIT = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     result = None
     if dist.get_rank() == 0:
-        print(f"{name}: not distributed yet: runs on rank 0 while the other "
-              f"{dist.get_world_size() - 1} process(es) wait", file=sys.stderr, flush=True)
         _ALONE = True
         try:
             result = fn()
@@ -189,6 +213,15 @@ def all_reduce_sum(values: list[float], info: DistInfo) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_reduce_tensor(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The sum of `t` over the processes (a new tensor on t's device; `t` itself alone)."""
+    if not info.distributed:
+        return t
+    out = t.detach().to(info.device, copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def all_gather_object(obj: object, info: DistInfo) -> list[object]:
@@ -298,3 +331,25 @@ def local_bytes(tensors: list[torch.Tensor]) -> int:
         loc = t.to_local() if isinstance(t, DTensor) else t
         total += loc.numel() * loc.element_size()
     return total
+
+
+def held_bytes(models: list[nn.Module], optimizers: list[torch.optim.Optimizer]
+               ) -> dict[str, int]:
+    """{"param_bytes", "optimizer_bytes"}: what this process holds of the models' parameters
+    and the optimizers' per-parameter state (AdamW's moments; scalar steps not counted)."""
+    states = [t for o in optimizers for s in o.state.values() for t in s.values()
+              if isinstance(t, torch.Tensor) and t.dim() > 0]
+    return {"param_bytes": local_bytes([p for m in models for p in m.parameters()]),
+            "optimizer_bytes": local_bytes(states)}
+
+
+def exit_on_launch_error(message: str) -> None:
+    """End this process for a `LaunchError`: rank 0 (or a lone process) exits with `message`;
+    another rank exits silently, after giving rank 0 a moment to print (torchrun ends it as
+    soon as rank 0 exits, so the message is rank 0's and appears once)."""
+    import time
+
+    if is_main() or not launched():
+        sys.exit(message)
+    time.sleep(LAUNCH_ERROR_GRACE_S)
+    sys.exit(1)

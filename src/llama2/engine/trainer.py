@@ -402,13 +402,9 @@ class Trainer:
         distributed.barrier(self.info)
 
     def _write_summary(self, elapsed: float) -> None:
-        opt_tensors = [t for s in self.optimizer.state.values() for t in s.values()
-                       if isinstance(t, torch.Tensor) and t.dim() > 0]
-        param_bytes = distributed.local_bytes(list(self.model.parameters()))
-        opt_bytes = distributed.local_bytes(opt_tensors)
-        per_rank = distributed.all_gather_object(
-            {"param_bytes": param_bytes, "optimizer_bytes": opt_bytes,
-             "peak_rss_mb": _peak_rss_mb()}, self.info)
+        held = distributed.held_bytes([self.model], [self.optimizer])
+        per_rank = distributed.all_gather_object({**held, "peak_rss_mb": _peak_rss_mb()},
+                                                 self.info)
         if self.info.is_main:
             last = {k: v for r in self.history for k, v in r.items()}
             summary = {"step": self.step, "world_size": self.info.world_size,

@@ -378,19 +378,20 @@ def version_name(model_path: str | None) -> str:
     return p.parent.name if p.name == "model" and p.parent.name else p.stem
 
 
-def _load_scorers(reward_models: Sequence[str] | Mapping[str, str | ScoreFn] | None
-                  ) -> dict[str, ScoreFn]:
+def _load_scorers(reward_models: Sequence[str] | Mapping[str, str | ScoreFn] | None,
+                  policy: str | None = None) -> dict[str, ScoreFn]:
     """Reward models by kind ("helpfulness"/"safety"): a mapping, or paths whose config says
-    their kind."""
+    their kind; each shares the tokenizer of the policy checkpoint `policy` (if given)."""
     from llama2.reward import Scorer
 
     if not reward_models:
         return {}
     if isinstance(reward_models, Mapping):
-        return {k: (v if callable(v) else Scorer(v)) for k, v in reward_models.items()}
+        return {k: (v if callable(v) else Scorer(v, policy=policy))
+                for k, v in reward_models.items()}
     out: dict[str, ScoreFn] = {}
     for path in reward_models:
-        s = Scorer(path)
+        s = Scorer(path, policy=policy)
         out.setdefault(s.kind, s)
     return out
 
@@ -451,7 +452,8 @@ def run_suites(model_path: str | None, suites: Sequence[str] | None = None,
         base = main  # the same checkpoint: answer once (greedy answers would be identical)
     else:
         base = responder(baseline, "baseline") if baseline else None
-    scorers = _load_scorers(reward_models)
+    paths = [model_path, baseline] + [src for _, src in versions or [] if isinstance(src, str)]
+    scorers = _load_scorers(reward_models, next((p for p in paths if p), None))
     if versions is None:
         versions = [(name or version_name(model_path), main)]
         if base is not None:

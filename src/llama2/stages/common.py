@@ -46,19 +46,55 @@ def load_dialogs(path: str, on_special_tags: OnSpecialTags = "error") -> list[Di
 
 
 def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
-    """Parse `--config FILE --key value ...` into the stage's config dataclass. Under torchrun
-    the process joins the process group on the config's device (`config_device`) before any
-    model is loaded, so that each rank takes its own GPU and `respond` shares its prompts."""
-    from llama2.engine import distributed
-
+    """Parse `--config FILE --key value ...` into the stage's config dataclass and `launch` it."""
     if argv and argv[0] in ("-h", "--help"):
         fields = json.dumps(config.to_dict(cls()), indent=2)
         print(f"usage: llama2 {prog} [--config FILE.toml] [--section.key value ...]\n\n"
               f"{(sys.modules[cls.__module__].__doc__ or '').strip()}\n\ndefaults:\n{fields}")
         sys.exit(0)
-    cfg = config.parse(cls, argv)
-    distributed.init(config_device(cfg))
+    return launch(config.parse(cls, argv))
+
+
+def launch(cfg: Any) -> Any:
+    """What every stage command does with its parsed config before any work (the pipeline
+    too): under torchrun join the process group on the config's device (`config_device`), so
+    that each rank takes its own GPU and `respond` shares its prompts; check that every
+    training section's global batch splits over the processes; take the run directory's lock
+    (contract.claim). A bad launch stops here with one line, before anything is written."""
+    from llama2.engine import distributed
+    from llama2.stages.contract import claim
+
+    info = distributed.init(config_device(cfg))
+    check_batches(cfg, info.world_size)
+    out = getattr(cfg, "out", None) or getattr(cfg, "run_dir", None)
+    if out:
+        claim(out)
     return cfg
+
+
+def check_batches(cfg: Any, world_size: int) -> None:
+    """Every global size in the config must split over `world_size` processes: each section
+    with a `check_world` (a TrainConfig's global batch, PPO's batch_prompts and minibatch)
+    raises a LaunchError naming its field otherwise, at launch rather than when its stage
+    starts."""
+    from llama2.engine.config import TrainConfig
+
+    for where, section in sections(cfg):
+        if isinstance(section, TrainConfig) and section.global_batch_tokens:
+            continue  # a batch in tokens needs the data's seq_len: the Trainer checks it
+        section.check_world(world_size, where=where)
+
+
+def sections(cfg: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted path, section) of `cfg` and every dataclass inside it that has `check_world`."""
+    import dataclasses
+
+    out: list[tuple[str, Any]] = [(prefix.rstrip("."), cfg)] if hasattr(cfg, "check_world") else []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            out += sections(value, f"{prefix}{f.name}.")
+    return out
 
 
 def config_device(cfg: Any) -> str:

@@ -20,15 +20,25 @@ either a complete marker or a folder that the next check treats correctly.
 Under torchrun (engine/distributed.py) rank 0 alone decides, removes and writes, and the other
 ranks take its answer: `done()` broadcasts it, `finish()`, `remove()` and `prune()` end with a
 barrier, so no rank reads a stage's outputs before rank 0 has made or removed them.
+
+One launch writes a run directory at a time: `claim(DIR)` (every command with a run directory
+calls it through `stages.common.launch`) takes `DIR/.lock`, holding rank 0's pid and host,
+created exclusively and removed at exit. A second launch on DIR, or on a folder inside it,
+stops with one line naming the holder; a lock whose pid is gone from this host is stale (a
+killed launch) and taken over.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
+import socket
 import sys
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -39,9 +49,10 @@ from llama2.utils import atomic_write_text
 MARKER = "done.json"
 SUFFIX = ".done.json"
 # Fields that change how a stage runs, not what it writes: output paths, resume flags, the
-# device, logging and checkpoint frequency, progress bars, speed knobs. `log_every` only thins
-# the metrics log; evaluation frequencies stay hashed (PPO's pick its best checkpoint).
-IGNORED = frozenset({"out", "run_dir", "resume", "device", "progress", "tensorboard",
+# device, how PPO places its frozen models, logging and checkpoint frequency, progress bars,
+# speed knobs. `log_every` only thins the metrics log; evaluation frequencies stay hashed (PPO's
+# pick its best checkpoint).
+IGNORED = frozenset({"out", "run_dir", "resume", "device", "frozen", "progress", "tensorboard",
                      "log_every", "save_every", "keep_checkpoints", "peak_flops", "compile",
                      "workers", "optimizer_impl"})
 
@@ -241,3 +252,103 @@ def prune(folder: str | Path, keep: Iterable[str]) -> None:
                 shutil.rmtree(child)
                 notice(f"{child}: not in the config any more -> removed")
     distributed.barrier(distributed.current())
+
+
+# ------------------------------------------------------------------ one launch per run directory
+LOCK = ".lock"
+_held: list[Path] = []  # the locks this process took, removed at exit
+
+
+def _holder(lock: Path) -> tuple[int, str] | None:
+    """(pid, host) written in `lock`; None when there is no lock. A lock without them (its
+    writer died between creating and writing it) reads as pid 0 on this host: stale."""
+    for wait in (0.2, 0.0):  # an empty lock may be one being written: read it twice
+        try:
+            pid, host = lock.read_text().split()
+            return int(pid), host
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            time.sleep(wait)
+    return 0, socket.gethostname()
+
+
+def _alive(pid: int, host: str) -> bool:
+    """Whether the launch holding a lock may still run: its pid lives on this host, or it is on
+    another host (its pid cannot be checked from here)."""
+    if host != socket.gethostname():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _busy(folder: Path, lock: Path, pid: int, host: str) -> str:
+    return (f"{folder} is being written by another launch (pid {pid} on {host}); wait for it "
+            f"to end, or remove {lock} if that launch is gone")
+
+
+def _claim(folder: Path) -> str | None:
+    """Take `folder/.lock` for this process; the reason it cannot, or None."""
+    me = (os.getpid(), socket.gethostname())
+    folder = folder.resolve()
+    for parent in folder.parents:  # a launch writing a run directory this one is inside
+        holder = _holder(parent / LOCK)
+        if holder is not None and holder != me and _alive(*holder):
+            return _busy(parent, parent / LOCK, *holder)
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / LOCK
+    for _ in range(3):  # a stale lock taken over, or one that vanished meanwhile: try again
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _holder(lock)
+            if holder == me:
+                return None  # this process holds it already (a command run twice in-process)
+            if holder is not None and _alive(*holder):
+                return _busy(folder, lock, *holder)
+            if holder is not None:
+                notice(f"{folder}: the launch that held it (pid {holder[0]}) is gone; taking "
+                       "over its lock")
+                # Renamed away, not unlinked, so two launches taking it over at once cannot
+                # both remove it: the second rename finds nothing.
+                aside = lock.with_name(f"{LOCK}.stale.{os.getpid()}")
+                try:
+                    lock.rename(aside)
+                    aside.unlink()
+                except FileNotFoundError:
+                    pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{me[0]} {me[1]}\n")
+        _held.append(lock)
+        return None
+    return f"{folder}: could not take {lock} (other launches keep taking it)"
+
+
+def claim(folder: str | Path) -> None:
+    """Make this launch the one writer of run directory `folder` (rank 0 takes the lock, every
+    rank gets its answer) or raise a one-line LaunchError naming the launch that writes it."""
+    info = distributed.current()
+    problem = _claim(Path(folder)) if info.is_main else None
+    problem = distributed.broadcast_object(problem, info)
+    if problem:
+        raise distributed.LaunchError(problem)
+
+
+def release() -> None:
+    """Remove the locks this process took (at exit; a command run in-process may call it)."""
+    me = (os.getpid(), socket.gethostname())
+    while _held:
+        lock = _held.pop()
+        if _holder(lock) == me:
+            lock.unlink(missing_ok=True)
+
+
+atexit.register(release)  # a launch that ends without the command line's release (Python API)

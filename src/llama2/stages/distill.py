@@ -135,7 +135,7 @@ def generate_pairs(cfg: DistillConfig, loaded, prompts) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     ann = Annotator(cfg.annotator_seed, noise=False)
     if cfg.safety_rm:
-        scorer = Scorer(cfg.safety_rm, loaded.model.output.weight.device)
+        scorer = Scorer(cfg.safety_rm, loaded.model.output.weight.device, tok)
         dialogs = [p.dialog for p in prompts]
         s_plain = scorer(dialogs, plain).tolist()
         s_dist = scorer(dialogs, distilled).tolist()

@@ -29,6 +29,7 @@ from importlib import resources
 from pathlib import Path
 
 from llama2 import config as config_mod
+from llama2.engine import distributed
 from llama2.stages.contract import MARKER, SUFFIX, Stage, changed_keys, notice, prune
 from llama2.stages.distill import DistillConfig
 from llama2.stages.gatt import GAttConfig
@@ -155,8 +156,10 @@ class Pipeline:
             docs = World(w.seed).corpus(w.n_tokens)
             atomic_write_text(corpus, "\n\n".join(d.replace("\n\n", "\n") for d in docs) + "\n")
 
+        # Seconds of work that only rank 0 writes: the other ranks wait instead of redoing it.
         return self._stage("world", corpus.parent / MARKER,
-                           {"world": {"seed": w.seed, "n_tokens": w.n_tokens}}).run(body)
+                           {"world": {"seed": w.seed, "n_tokens": w.n_tokens}}).run(
+            lambda: distributed.on_rank0(body))
 
     def tokenizer(self) -> bool:
         path = self.out / "tokenizer.model"
@@ -170,7 +173,8 @@ class Pipeline:
 
         return self._stage("tokenizer", self.out / f"tokenizer{SUFFIX}",
                            {"world": {"tokenizer_vocab_size": self.cfg.world.tokenizer_vocab_size}},
-                           {"corpus": self.markers["world"]}, [path]).run(body)
+                           {"corpus": self.markers["world"]}, [path]).run(
+            lambda: distributed.on_rank0(body))
 
     def pretrain(self) -> bool:
         from llama2.stages.pretrain import run
@@ -366,7 +370,8 @@ class Pipeline:
                 run_suites(None, ["tracking"], out / "tracking", n_prompts=ev.n_prompts,
                            seed=self.cfg.seed, reward_models=rms,
                            versions=list(self.versions.items()), max_new_tokens=ev.max_new_tokens)
-                (out / "tracking" / "tracking.json").replace(out / "tracking.json")
+                if distributed.is_main():  # the one that wrote it moves it
+                    (out / "tracking" / "tracking.json").replace(out / "tracking.json")
 
             stage.run(tracking)
         whole.finish()
@@ -390,7 +395,7 @@ class Pipeline:
             atomic_write_text(table, json.dumps(reproduction_table(self.out), indent=2) + "\n")
             build_report(self.out)
 
-        done = stage.run(body)
+        done = stage.run(lambda: distributed.on_rank0(body))  # reading files, drawing plots
         print("\nreproduction of the paper's findings:", file=sys.stderr)
         for r in layout.reproduction():
             mark = "yes" if r["reproduced"] else "NO "
@@ -420,7 +425,7 @@ class Pipeline:
         # away until every stage has been checked against them (and re-run where it must).
         saved = self.out / "pipeline_config.json"
         requested = json.loads(json.dumps(config_mod.to_dict(self.cfg), default=str))
-        if saved.is_file():
+        if saved.is_file() and distributed.is_main():  # rank 0 removes; the stages then agree
             old = json.loads(saved.read_text())
             if old != requested:
                 keys = changed_keys(old, requested)
@@ -455,6 +460,10 @@ def main(argv: list[str]) -> None:
 
         plan_main(argv)
         return
-    cfg = parse_args(argv)
+    from llama2.stages.common import launch
+
+    # Every rank runs the pipeline: each stage shares its work by the rule of
+    # engine/distributed.py, and its marker is rank 0's (contract.py).
+    cfg = launch(parse_args(argv))
     Pipeline(cfg).run()
     print(f"done: run directory {cfg.out}")

@@ -147,7 +147,9 @@ def parse_args(argv: list[str]) -> PretrainConfig:
 
 
 def main(argv: list[str]) -> None:
-    cfg = parse_args(argv)
+    from llama2.stages.common import launch
+
+    cfg = launch(parse_args(argv))
     trainer = run(cfg)
     if trainer.info.is_main:
         last = {k: v for r in trainer.history for k, v in r.items()}

@@ -214,7 +214,8 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     prompts = load_prompts(cfg.prompts, cfg.world_seed, cfg.n_prompts, cfg.safety_share, cfg.round,
                            cfg.borderline_share, cfg.families)
     rewards, proxy, gold = proxy_and_gold(cfg.reward, cfg.helpful_rm, cfg.safety_rm, prompts,
-                                          safety_switch=cfg.safety_switch)
+                                          safety_switch=cfg.safety_switch,
+                                          policy=loaded.tokenizer)
     samples_path = out / "samples.jsonl"
     signals = {"proxy": proxy, **({"gold": gold} if gold is not None else {})}
     if samples_path.is_file():  # resume: sampling is the expensive part

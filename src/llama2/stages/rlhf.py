@@ -148,10 +148,9 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
             pc.resume = checkpointing.latest(ppo_dir) is not None  # continue a killed run
             PPO(pc).run()
 
-        # PPO is not distributed yet: under torchrun rank 0 runs it, the others wait.
+        # Under torchrun every rank runs PPO (FSDP2, the rollouts split over the ranks).
         Stage(ppo_dir / MARKER, {"ppo": pc},
-              {f"ppo.{k}": getattr(pc, k) for k in ("model", "helpful_rm", "safety_rm")}).run(
-            lambda: distributed.rank0_only(f"PPO (round {v})", ppo))
+              {f"ppo.{k}": getattr(pc, k) for k in ("model", "helpful_rm", "safety_rm")}).run(ppo)
     else:
         Stage(ppo_dir / MARKER, {}).remove(f"PPO starts at round {cfg.ppo_from}")
     return record
