@@ -59,10 +59,10 @@ def main(argv: list[str] | None = None) -> None:
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
         sys.exit(f"llama2: unknown command {name!r}; known: {', '.join(COMMANDS)}")
-    if program:  # threads for the cores this process gets (affinity, cgroup quota)
+    if program:  # threads for the cores this process gets, before torch starts its pools
         from llama2 import runtime
 
-        runtime.set_threads()
+        runtime.configure()
     module_name = COMMANDS[name][0]
     try:
         module = importlib.import_module(module_name)
