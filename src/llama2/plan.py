@@ -5,7 +5,7 @@ stage's bytes per GPU under FSDP2 as this code base runs it, and whether they fi
 trained, loaded or written:
 
     llama2 pipeline --config configs/llama2_7b.toml --dry-run --gpus 8 --gpu-memory 80
-    python -m llama2.plan --config configs/llama2_7b.toml --gpus 8 [--frozen replicated]
+    python -m llama2.plan --config configs/llama2_7b.toml --gpus 8 [--frozen sharded|replicated]
 
 Parameters are counted from the real modules, built on the meta device: the policy
 `Transformer(args)` and a reward model `reward.from_policy(Transformer(args))` (the next-token
@@ -52,10 +52,10 @@ max_len; for generation the context, since respond cuts a prompt to fit the cont
 answer). A stage with phases has a row per phase. "fits": total <= 90% of the GPU's memory (the
 rest for the CUDA context, NCCL buffers, allocator fragmentation). GiB (2^30 bytes) throughout.
 
-Not what the code does today: rejection sampling, PPO, Ghost Attention, distillation and the
-evaluation run in one process; the plan assumes each runs under FSDP2 like the Trainer (and, as
-the paper did, gathers the policy's weights on every rank before generating and frees them
-after). Not counted: the rotary tables, CUDA workspaces, and PyTorch's caching allocator's
+Under torchrun every stage runs as the plan counts it: training under FSDP2, generation with
+the policy's weights gathered on every rank once per phase and freed after, PPO's policy and
+value model sharded and its frozen models as `frozen` says (`--frozen`, else the config's
+rlhf.ppo.frozen). Not counted: the rotary tables, CUDA workspaces, and PyTorch's caching allocator's
 fragmentation beyond the headroom.
 """
 
@@ -364,9 +364,10 @@ def render(cfg, rows: list[Row], gpus: int, gpu_memory: float, frozen: str) -> s
     return "\n".join(lines)
 
 
-def split_flags(argv: list[str]) -> tuple[list[str], int, float, str]:
-    """Take --dry-run, --gpus N, --gpu-memory GIB and --frozen MODE out of `argv`."""
-    rest, gpus, memory, frozen = [], 8, 80.0, "sharded"
+def split_flags(argv: list[str]) -> tuple[list[str], int, float, str | None]:
+    """Take --dry-run, --gpus N, --gpu-memory GIB and --frozen MODE (None: the config's
+    rlhf.ppo.frozen) out of `argv`."""
+    rest, gpus, memory, frozen = [], 8, 80.0, None
     it = iter(argv)
     for a in it:
         key, eq, value = a.partition("=")
@@ -385,7 +386,7 @@ def split_flags(argv: list[str]) -> tuple[list[str], int, float, str]:
                 raise SystemExit(f"{key}: expected a number, got {value!r}") from None
             continue
         rest.append(a)
-    if frozen not in FROZEN:
+    if frozen is not None and frozen not in FROZEN:
         raise SystemExit(f"--frozen: expected one of {', '.join(FROZEN)}, got {frozen!r}")
     if gpus < 1 or memory <= 0:
         raise SystemExit("--gpus and --gpu-memory must be positive")
@@ -401,6 +402,7 @@ def main(argv: list[str]) -> None:
         return
     rest, gpus, memory, frozen = split_flags(argv)
     cfg = parse_args(rest)
+    frozen = frozen or cfg.rlhf.ppo.frozen
     print(render(cfg, plan(cfg, gpus, frozen), gpus, memory, frozen))
 
 
