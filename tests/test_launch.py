@@ -156,6 +156,8 @@ def test_a_second_launch_on_a_run_directory_is_refused(tmp_path: Path) -> None:
     r = _llama2(["sft", "--out", str(run / "sft")])
     assert r.returncode == 1 and r.stderr.strip() == f"llama2 sft: error: {busy}"
     assert not (run / "sft").exists()
+    r = _llama2(["eval", "--model", "unread", "--suite", "perplexity", "--out", str(run)])
+    assert r.returncode == 1 and r.stderr.strip() == f"llama2 eval: error: {busy}"
     _write_lock(run, 1, "elsewhere")  # another host: its pid cannot be checked from here
     with pytest.raises(LaunchError, match=r"\(pid 1 on elsewhere\)"):
         contract.claim(run)

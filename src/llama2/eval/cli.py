@@ -59,9 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> None:
     from llama2.engine import distributed
+    from llama2.stages.contract import claim
 
     a = build_parser().parse_args(argv)
     distributed.init(a.device)  # under torchrun: the ranks share the generation
+    claim(a.out)  # one launch writes the folder at a time, as every stage command
     if not a.model and not (a.suites == ["tracking"] and a.versions):
         raise ValueError("--model PATH is required (only `--suite tracking --version NAME=PATH "
                          "...` runs without it)")
