@@ -304,9 +304,11 @@ def _approx(want: object, got: object, where: str = "") -> None:
 
 
 def _halved(one: Path, two: Path) -> None:
-    """Each of the two processes held about half of the parameters and AdamW moments."""
-    s1 = json.loads((one / "summary.json").read_text())["per_rank"]
-    s2 = json.loads((two / "summary.json").read_text())["per_rank"]
+    """Each of the two processes held about half of the parameters and AdamW moments (the
+    Trainer's summary, or what a stage's summary keeps of it)."""
+    from llama2.stages.common import trainer_summary
+
+    s1, s2 = trainer_summary(one)["per_rank"], trainer_summary(two)["per_rank"]
     whole = s1[0]["param_bytes"] + s1[0]["optimizer_bytes"]
     assert len(s1) == 1 and len(s2) == 2 and all(
         r["param_bytes"] + r["optimizer_bytes"] < 0.6 * whole for r in s2)
@@ -404,6 +406,7 @@ def test_ghost_attention_two_processes_match_one(models: dict[str, str],
     _same_files(one, two, "samples.jsonl", "sampling.json")
     assert json.loads((one / "sampling.json").read_text())["turns"] >= 6
     _close(_curve(one), _curve(two))
+    _halved(one, two)
     adherence = [json.loads((d / "adherence.json").read_text()) for d in (one, two)]
     assert adherence[0]["before"] == adherence[1]["before"]
     _approx(*[json.loads((d / "attention.json").read_text()) for d in (one, two)])
@@ -428,6 +431,7 @@ def test_context_distillation_two_processes_match_one(models: dict[str, str],
     assert s1["by_kind"] == s2["by_kind"] and s1["eval"]["before"] == s2["eval"]["before"]
     for variant_dir in ("", "ungated"):
         _close(_curve(one / variant_dir), _curve(two / variant_dir))
+    _halved(one, two)
 
 
 def test_safety_data_scaling_two_processes_match_one(models: dict[str, str],

@@ -45,6 +45,17 @@ def load_dialogs(path: str, on_special_tags: OnSpecialTags = "error") -> list[Di
     return adapters.load_messages_jsonl(p, on_special_tags=on_special_tags)
 
 
+def trainer_summary(folder: str | Path) -> dict[str, Any]:
+    """What the Trainer wrote to folder/summary.json (steps, time, each rank's parameter and
+    optimizer bytes), for a stage that writes its own summary.json in the same folder and keeps
+    the Trainer's under "train"; {} if there is none."""
+    path = Path(folder) / "summary.json"
+    if not path.is_file():
+        return {}
+    s = json.loads(path.read_text())
+    return s.get("train", s if "per_rank" in s else {})
+
+
 def parse_stage(cls: type, argv: list[str], prog: str) -> Any:
     """Parse `--config FILE --key value ...` into the stage's config dataclass and `launch` it."""
     if argv and argv[0] in ("-h", "--help"):

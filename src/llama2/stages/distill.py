@@ -38,7 +38,7 @@ from typing import Any
 from llama2.chat import with_system
 from llama2.engine import TrainConfig
 from llama2.respond import respond
-from llama2.stages.common import Replay, load_policy, parse_stage, stage_done
+from llama2.stages.common import Replay, load_policy, parse_stage, stage_done, trainer_summary
 from llama2.stages.safety import evaluate_safety, without_lists
 from llama2.stages.sft import finetune
 from llama2.utils import atomic_write_text, write_jsonl
@@ -223,6 +223,7 @@ def run(cfg: DistillConfig) -> dict[str, Any]:
             finetune(policy.model, policy.tokenizer, dialogs, folder, cfg.train, cfg.seq_len,
                      learn="last", config=cfg, extra={"stage": "distill", "gated": gated})
     summary["kept"] = summary["kept_model"]
+    summary["train"] = trainer_summary(out)  # kept: this summary.json replaces the Trainer's
     if cfg.evaluate:
         args = (cfg.world_seed, cfg.n_eval_helpful, cfg.n_eval_safety, cfg.n_eval_borderline,
                 cfg.max_new_tokens, cfg.annotator_seed, cfg.train.device)
@@ -246,5 +247,6 @@ def main(argv: list[str]) -> None:
         return redteam.main(argv[1:])
     cfg: DistillConfig = parse_stage(DistillConfig, argv, "distill")
     summary = run(cfg)
-    json.dump(summary, sys.stdout, indent=2)
+    # The Trainer's own summary stays in the file (it logged its progress already).
+    json.dump({k: v for k, v in summary.items() if k != "train"}, sys.stdout, indent=2)
     print(f"\ndistilled model written to {Path(cfg.out) / 'model'}")

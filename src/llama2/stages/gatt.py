@@ -64,6 +64,7 @@ from llama2.stages.common import (
     load_policy,
     parse_stage,
     stage_done,
+    trainer_summary,
 )
 from llama2.stages.sft import finetune
 from llama2.utils import atomic_write_text, write_jsonl
@@ -351,6 +352,7 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
                  learn="last", config=cfg, extra={"stage": "gatt"})
     else:  # resumed after its fine-tuning: the statistics of the sampling that fed it
         summary = json.loads((out / "sampling.json").read_text())
+    summary["train"] = trainer_summary(out)  # kept: this summary.json replaces the Trainer's
     if cfg.evaluate:
         before = load_policy(cfg.model, cfg.train.device)
         summary["eval"] = evaluate(before, out / "model", out, pool if cfg.instructions != "world"
@@ -363,7 +365,7 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
 def main(argv: list[str]) -> None:
     cfg: GAttConfig = parse_stage(GAttConfig, argv, "gatt")
     summary = run(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "eval"}, indent=2))
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("eval", "train")}, indent=2))
     if "eval" in summary:
         for key in ("before", "after"):
             last = {f: round(v[-1], 3) for f, v in summary["eval"]["adherence"][key].items()}
