@@ -328,6 +328,7 @@ def test_packed_twin_decodes_what_the_model_decodes(tmp_path):
     assert isinstance(twin.layers[0].attention, packed.FusedAttention)
     assert isinstance(twin.layers[0].feed_forward, packed.FusedFeedForward)
     assert type(model.layers[0].attention) is Attention and hasattr(model.layers[0].attention, "wq")
+    assert type(twin.norm) is packed.FastRMSNorm and type(model.norm) is not packed.FastRMSNorm
     big = packed.PackedLinear if packed.available() else torch.nn.Linear
     assert type(twin.output) is big and type(model.output) is torch.nn.Linear
     assert twin.tok_embeddings.weight is model.tok_embeddings.weight

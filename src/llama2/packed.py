@@ -4,9 +4,10 @@ fewer, larger products, its large fp32 linears holding oneDNN-packed weights.
 A decoding step multiplies a few rows by each matrix, so on CPU it pays per operation and the
 BLAS streams a large matrix far below memory bandwidth. The twin (1) computes queries, keys and
 values in one product and the SwiGLU's gate and up projections in another (as gpt-fast's
-`wqkv`), and (2) holds oneDNN's prepacked weights (the kernel inductor uses for frozen CPU
-inference) for the large ones; bench/bench_model.py times both. `packed_twin` makes a twin that
-shares every tensor of the model except the fused and packed weights. Its lifetime is its
+`wqkv`), (2) holds oneDNN's prepacked weights (the kernel inductor uses for frozen CPU
+inference) for the large ones and (3) normalizes in fewer operations; bench/bench_model.py
+times it. `packed_twin` makes a twin that shares every tensor of the model except the fused and
+packed weights, cheaply enough to make one per `generate` call. Its lifetime is its
 holder's (a `generation.Decoder`), and it is valid only while the model's weights do not change.
 It steps aside (None) off CPU, outside fp32, and where the packed kernel is missing or does not
 reproduce `F.linear` on this CPU it keeps plain fused weights.
@@ -16,14 +17,13 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from llama2.model import Attention, FeedForward
+from llama2.model import Attention, FeedForward, RMSNorm
 
 # From this many elements up (the 15M config's feed-forward and output matrices): smaller ones
 # multiply as fast or faster through the BLAS at one row.
@@ -89,6 +89,18 @@ class FusedFeedForward(nn.Module):
         return self.w2(F.silu(gate) * up)
 
 
+class FastRMSNorm(nn.Module):
+    """`RMSNorm` for fp32 inference in four operations: F.rms_norm's CPU kernel, made for
+    mixed precision, costs twice as much a call at decoding's few rows."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x * x).mean(-1, keepdim=True).add_(self.eps).rsqrt_() * self.weight
+
+
 def stacked(*linears: nn.Linear) -> nn.Linear:
     """One bias-free linear whose output is the given linears' outputs side by side."""
     weight = torch.cat([m.weight.detach() for m in linears])
@@ -108,14 +120,23 @@ def packed_twin(model: nn.Module, min_numel: int = MIN_NUMEL) -> nn.Module | Non
     def linear(m: nn.Module) -> nn.Module:
         return PackedLinear(m) if pack and m.weight.numel() >= min_numel else m
 
-    shared = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
-    twin = copy.deepcopy(model, shared)
-    for parent in list(twin.modules()):  # the twin's modules before replacing any
-        for name, child in parent.named_children():
-            if isinstance(child, Attention):
-                setattr(parent, name, FusedAttention(child, linear))
-            elif isinstance(child, FeedForward):
-                setattr(parent, name, FusedFeedForward(child, linear))
-            elif type(child) is nn.Linear and child.bias is None:
-                setattr(parent, name, linear(child))
+    def twin_of(module: nn.Module) -> nn.Module:
+        # A shallow copy with its own table of children: its tensors are the model's, and
+        # replacing its children leaves the model's. Cheaper than a deepcopy, which a generate
+        # call without a held Decoder would pay every time.
+        if isinstance(module, Attention):
+            return FusedAttention(module, linear)
+        if isinstance(module, FeedForward):
+            return FusedFeedForward(module, linear)
+        if type(module) is RMSNorm:
+            return FastRMSNorm(module)
+        if type(module) is nn.Linear and module.bias is None:
+            return linear(module)
+        if not module._modules:
+            return module
+        twin = copy.copy(module)
+        twin._modules = {name: twin_of(child) for name, child in module._modules.items()}
+        return twin
+
+    twin = twin_of(model)
     return twin
