@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +64,25 @@ def tiny_policy_and_rms(root: Path) -> dict[str, str]:
             save_reward_model(from_policy(model), tok, root / name,
                               "helpfulness" if name == "rm_helpful" else "safety")
     return {k: str(root / k) for k in ("policy", "rm_helpful", "rm_safety")}
+
+
+def pipeline_cmd(out: Path, *extra: str) -> list[str]:
+    """`llama2 pipeline --quick --out OUT EXTRA...` as a command line."""
+    return [sys.executable, "-m", "llama2.cli", "pipeline", "--quick", "--out", str(out), *extra]
+
+
+def run_pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The quick pipeline in a process of its own; it must succeed."""
+    r = subprocess.run(pipeline_cmd(out, *extra), capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`llama2 pipeline --quick`, uninterrupted: run once for the slow tests that read it (its
+    outputs, the stage contract's reference run, the torchrun comparison)."""
+    out = tmp_path_factory.mktemp("quick") / "run"
+    run_pipeline(out)
+    return out

@@ -10,13 +10,13 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from conftest import pipeline_cmd, run_pipeline
 from llama2 import config as config_mod
 from llama2.engine import TrainConfig
 from llama2.stages.contract import MARKER, Stage, input_hash, marker_of
@@ -135,17 +135,6 @@ def test_rlhf_drops_the_rounds_a_smaller_config_no_longer_has(tmp_path):
 
 
 # ------------------------------------------------------------------ the pipeline end to end
-def _cmd(out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "llama2.cli", "pipeline", "--quick", "--out", str(out), *extra]
-
-
-def _pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
-    r = subprocess.run(_cmd(out, *extra), capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
 def _markers(run: Path) -> dict[str, dict]:
     return {str(p.relative_to(run)): json.loads(p.read_text())
             for p in sorted(run.rglob(f"*{MARKER}"))}
@@ -157,26 +146,17 @@ def _weights(run: Path) -> dict[str, dict]:
     return {str(p.relative_to(run)): load_file(p) for p in sorted(run.rglob("*.safetensors"))}
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> tuple[Path, float]:
-    """`llama2 pipeline --quick`, uninterrupted, and how long it took."""
-    out = tmp_path_factory.mktemp("finished") / "run"
-    t = time.perf_counter()
-    _pipeline(out)
-    return out, time.perf_counter() - t
-
-
 @pytest.mark.slow
-def test_a_changed_setting_re_runs_what_it_touches_and_the_config_matches(finished_run, tmp_path):
+def test_a_changed_setting_re_runs_what_it_touches_and_the_config_matches(quick_run, tmp_path):
     out = tmp_path / "run"
-    shutil.copytree(finished_run[0], out)
+    shutil.copytree(quick_run, out)
     before = _markers(out)
     assert before and all(m["complete"] for m in before.values())
-    r = _pipeline(out)  # moved, same settings: nothing to do
+    r = run_pipeline(out)  # moved, same settings: nothing to do
     assert r.stderr.count("(already done: skipped)") == 12
 
     # Fewer pretraining steps: pretraining and everything downstream of it run again.
-    r = _pipeline(out, "--pretrain.train.max_steps", "30")
+    r = run_pipeline(out, "--pretrain.train.max_steps", "30")
     assert f"{out / 'pretrain'}: config changed (keys: pretrain.train.max_steps) -> re-running" \
         in r.stderr
     assert r.stderr.count("(already done: skipped)") == 2  # world data, tokenizer
@@ -193,13 +173,13 @@ def test_a_changed_setting_re_runs_what_it_touches_and_the_config_matches(finish
         json.loads(json.dumps(requested, default=str))
 
     # A PPO setting: only PPO among the RLHF sub-stages, and the stages after it.
-    r = _pipeline(out, "--pretrain.train.max_steps", "30", "--rlhf.ppo.iterations", "1")
+    r = run_pipeline(out, "--pretrain.train.max_steps", "30", "--rlhf.ppo.iterations", "1")
     assert f"{out / 'rlhf' / 'v1' / 'ppo'}: config changed (keys: ppo.iterations)" in r.stderr
     assert "rm_helpful:" not in r.stderr and "rejection_sampling:" not in r.stderr
     # world, tokenizer, pretraining, SFT, the RM ablations, safety data scaling
     assert r.stderr.count("(already done: skipped)") == 6
     # A stage switched off: its outputs go, and the report no longer counts on them.
-    r = _pipeline(out, "--pretrain.train.max_steps", "30", "--rlhf.ppo.iterations", "1",
+    r = run_pipeline(out, "--pretrain.train.max_steps", "30", "--rlhf.ppo.iterations", "1",
                   "--redteam.enabled", "false")
     assert f"{out / 'redteam'}: disabled -> its outputs removed" in r.stderr
     assert not (out / "redteam.json").exists() and not (out / "redteam.done.json").exists()
@@ -212,7 +192,7 @@ def _start_and_kill(out: Path, log: Path, stage: int, delay: float) -> str:
     """Start the pipeline, SIGKILL it `delay` s after it announces stage `stage` (1-based);
     returns where the kill landed (the last stage announced) or "finished"."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(_cmd(out), stdout=subprocess.DEVNULL, stderr=f,
+        proc = subprocess.Popen(pipeline_cmd(out), stdout=subprocess.DEVNULL, stderr=f,
                                 start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     while proc.poll() is None and f"=== [{stage}/" not in log.read_text():
         time.sleep(0.02)
@@ -225,12 +205,12 @@ def _start_and_kill(out: Path, log: Path, stage: int, delay: float) -> str:
 
 
 @pytest.mark.slow
-def test_killed_at_random_moments_it_ends_like_an_uninterrupted_run(finished_run, tmp_path):
+def test_killed_at_random_moments_it_ends_like_an_uninterrupted_run(quick_run, tmp_path):
     """SIGKILL at random moments, started again each time: the same reproduction table and
     the same weights of every model as the uninterrupted run. Each kill lands at a random
     moment of a random stage (within its duration in the uninterrupted run), the stages drawn
     in pipeline order; LLAMA2_KILLS sets how many (default 4)."""
-    reference, _ = finished_run
+    reference = quick_run
     durations = list(json.loads((reference / "stage_times.json").read_text()).values())
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
@@ -243,7 +223,7 @@ def test_killed_at_random_moments_it_ends_like_an_uninterrupted_run(finished_run
                                       rng.uniform(0, durations[stage])))
     why = f"kills (seed {seed}) landed in: {landed}"
     print(why)
-    r = subprocess.run(_cmd(out), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(pipeline_cmd(out), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, f"{why}\n{r.stderr[-3000:]}"
     assert "reproduction of the paper's findings" in r.stderr, why
     assert json.loads((out / "reproduction.json").read_text()) == \
