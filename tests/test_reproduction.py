@@ -250,18 +250,23 @@ def test_violation_drop_and_false_refusals_not_rising():
 
 # ---------------------------------------------------------------------------- GAtt, safety
 def adherence(after: dict[str, float], before: float = 0.0) -> dict:
-    insts = {"figure": ["figure_a", "figure_b"], "format": ["format_a", "format_b", "format_c"]}
+    insts = {"figure": ["figure_a", "figure_b"], "hobby": ["hobby_a", "hobby_b"],
+             "format": ["format_a", "format_b", "format_c"], "custom": ["custom_a"]}
     return {"after": {f: [1.0, v] for f, v in after.items()},
             "before": {f: [0.5, before] for f in after}, "n_dialogs": 8,
             "by_instruction": {"after": {i: [1.0] for f in after for i in insts[f]}}}
 
 
-def test_gatt_needs_every_family_above_the_threshold_and_forgetting_without():
-    text, ok = rp.gatt_holds(adherence({"figure": 1.0, "format": 22 / 24}))
-    assert ok and "figure 100.0% [80.6, 100.0] (n=16)" in text and "(n=24)" in text
-    text, ok = rp.gatt_holds(adherence({"figure": 1.0, "format": 17 / 24}))
-    assert not ok and "below the threshold: format" in text
-    assert not rp.gatt_holds(adherence({"figure": 1.0, "format": 1.0}, before=0.95))[1]
+def test_gatt_needs_every_family_of_the_paper_above_the_threshold_and_forgetting_without():
+    text, ok = rp.gatt_holds(adherence({"figure": 1.0, "hobby": 15 / 16, "format": 0.25}))
+    assert ok and "figure 100.0% [80.6, 100.0] (n=16)" in text and "hobby 93.8%" in text
+    assert "beyond the paper's attributes, not tested: format 25.0%" in text and "(n=24)" in text
+    text, ok = rp.gatt_holds(adherence({"figure": 1.0, "hobby": 13 / 16, "format": 1.0}))
+    assert not ok and "below the threshold: hobby" in text
+    assert not rp.gatt_holds(adherence({"figure": 1.0, "hobby": 1.0}, before=0.95))[1]
+    # A user's own instructions (no family of the paper's): every family is tested.
+    text, ok = rp.gatt_holds(adherence({"custom": 6 / 8}))
+    assert not ok and "below the threshold: custom" in text
 
 
 def distill_rows(low_lift: float, n: int = 90, seed: int = 0) -> list[dict]:

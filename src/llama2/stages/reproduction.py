@@ -47,6 +47,9 @@ from llama2.world.annotator import RATING_LEVELS
 LEVELS = RATING_LEVELS
 MIN_PAIRS = 50  # comparisons per rating level for an accuracy to be read (Table 8, Table 28)
 GATT_THRESHOLD = 0.9  # share of dialogs keeping each instruction family at the last turn
+# Table 30's attributes: the instructions of §3.3 (act as a figure, speak in a style or a
+# language, enjoy a hobby). The world's answer formats go beyond them: reported, not tested.
+GATT_FAMILIES = ("figure", "style", "language", "hobby")
 FLAT_MARGIN = 0.10  # "helpfulness flat" (Figure 15): every share within this range
 TEMPERATURE_MARGIN = 0.05  # Figure 8's margin where the run stored no per-prompt rewards
 
@@ -435,7 +438,8 @@ def false_refusal(run: RunLayout) -> tuple[str, bool]:
 
 # ---------------------------------------------------------------------------- GAtt, safety
 def gatt_holds(a: dict) -> tuple[str, bool]:
-    """Table 30: with GAtt every instruction family is kept at the last turn by at least
+    """Table 30: with GAtt every instruction family of the paper's (`GATT_FAMILIES`; every
+    family where none of them was measured) is kept at the last turn by at least
     GATT_THRESHOLD of the dialogs (each with its Wilson interval), and without GAtt the
     instructions are forgotten: the pooled share kept at the last turn rises beyond its 95%
     interval. A family's n is the dialogs per instruction times its instructions (one where
@@ -444,21 +448,28 @@ def gatt_holds(a: dict) -> tuple[str, bool]:
     dialogs = int(need(a.get("n_dialogs"), "the number of dialogs per instruction (n_dialogs)"))
     after = {f: v[-1] for f, v in a["after"].items()}
     before = {f: a["before"][f][-1] for f in after}
+    tested = [f for f in after if f in GATT_FAMILIES] or list(after)
     n = {f: dialogs * max(1, sum(name.startswith(f"{f}_") for name in per_inst)) for f in after}
     k_a = {f: _count(after[f], n[f]) for f in after}
     k_b = {f: _count(before[f], n[f]) for f in after}
-    total = sum(n.values())
-    lo, hi = newcombe_interval(sum(k_a.values()), total, sum(k_b.values()), total)
+    total = sum(n[f] for f in tested)
+    gain_a, gain_b = sum(k_a[f] for f in tested), sum(k_b[f] for f in tested)
+    lo, hi = newcombe_interval(gain_a, total, gain_b, total)
     turn = len(next(iter(a["after"].values())))
     text = (f"turn {turn}, with GAtt (threshold {_pct(GATT_THRESHOLD)} per family): "
-            + ", ".join(f"{f} {_prop(k_a[f], n[f])}" for f in after)
-            + "; without: " + ", ".join(f"{f} {_pct(before[f])}" for f in after)
-            + f"; pooled gain {_pts((sum(k_a.values()) - sum(k_b.values())) / total, lo, hi)}")
+            + ", ".join(f"{f} {_prop(k_a[f], n[f])}" for f in tested)
+            + "; without: " + ", ".join(f"{f} {_pct(before[f])}" for f in tested)
+            + f"; pooled gain {_pts((gain_a - gain_b) / total, lo, hi)}")
+    beyond = [f for f in after if f not in tested]
+    if beyond:
+        text += ("; beyond the paper's attributes, not tested: "
+                 + ", ".join(f"{f} {_prop(k_a[f], n[f])} (without {_pct(before[f])})"
+                             for f in beyond))
     if "neutral_marker_rate" in a:  # an obeyed instruction nobody gave
         m = a["neutral_marker_rate"]
         text += (f"; answers with an instruction's marker under a neutral system message "
                  f"{_pct(m['before'])}->{_pct(m['after'])}")
-    low = [f for f in after if after[f] < GATT_THRESHOLD]
+    low = [f for f in tested if after[f] < GATT_THRESHOLD]
     if low:
         text += f"; below the threshold: {', '.join(low)}"
     return text, not low and lo > 0
