@@ -131,18 +131,19 @@ def uniform_rewards(n: int = 300, k: int = 8, seed: int = 0) -> list[list[float]
     return [[rng.random() for _ in range(k)] for _ in range(n)]
 
 
-def test_max_median_gap_rises_at_every_k():
+def test_max_median_gap_rises_at_every_doubling_of_k():
     text, ok = rp.max_median_gap({"k": list(range(1, 9))}, uniform_rewards())
-    assert ok and "rises at every K" in text and "paired over 300 prompts" in text
-    # The gap stalls from K=2 to K=3 (max 1, median 0.5 at both): not every K.
+    assert ok and "gap at K=1, 2, 4, 8:" in text and "rises at every doubling" in text
+    assert "K=4->8 +" in text and "paired over 300 prompts" in text
+    # The gap stalls from K=2 to K=4 (max 1, median 0.5 at both): not every doubling.
     flat = [[0.0, 1.0, 0.5, 0.5, 0.5, 0.5] for _ in range(50)]
     text, ok = rp.max_median_gap({"k": list(range(1, 7))}, flat)
-    assert not ok and "does not rise at every K" in text
+    assert not ok and "does not rise at every doubling" in text
     # Without per-prompt rewards the curve's points are read and the text says so.
-    curves = {"k": [1, 2, 4], "max": [0.5, 0.6, 0.7], "median": [0.5, 0.55, 0.6]}
+    curves = {"k": [1, 2, 3, 4], "max": [0.5, 0.6, 0.5, 0.7], "median": [0.5, 0.55, 0.5, 0.6]}
     text, ok = rp.max_median_gap(curves)
-    assert ok and "no interval" in text
-    curves["max"][2] = 0.62  # the gap falls from K=2 to K=4
+    assert ok and "no interval" in text and "K=1, 2, 4:" in text
+    curves["max"][3] = 0.62  # the gap falls from K=2 to K=4
     assert not rp.max_median_gap(curves)[1]
 
 
