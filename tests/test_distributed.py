@@ -169,6 +169,9 @@ def test_rejection_sampling_writes_the_one_process_files(models: dict[str, str],
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     rc = [x for r in _records(one / "samples.jsonl") for x in r["rc"]]
     assert len(set(rc)) > len(rc) // 2  # the rewards tell the samples apart
+    sweep = json.loads((one / "curves.json").read_text())["sweep"]  # each prompt's best of 3
+    assert [len(x) for x in sweep["max_by_prompt"]] == [4, 4]
+    assert sweep["max_by_k"]["3"] == pytest.approx([sum(x) / 4 for x in sweep["max_by_prompt"]])
     _close(_curve(one / "train"), _curve(two / "train"))
 
 

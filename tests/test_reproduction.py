@@ -158,6 +158,21 @@ def test_temperature_optimum_must_clear_the_margin_at_both_ends():
     assert not ok and "an end of the range" in text
 
 
+def test_temperature_optimum_is_paired_where_the_sweep_stored_each_prompt():
+    rng = random.Random(0)
+    base = [rng.gauss(0.7, 0.15) for _ in range(32)]  # prompts differ far more than T does
+    means = [0.60, 0.70, 0.75, 0.72, 0.55]
+    per = [[b + m - 0.7 + rng.gauss(0, 0.02) for b in base] for m in means]
+    sweep = {"temperatures": [0.4, 0.7, 1.0, 1.3, 1.6],
+             "max_by_k": {"8": [sum(x) / len(x) for x in per]}, "max_by_prompt": per}
+    text, ok = rp.temperature_optimum(sweep, 1.0, "unused")
+    assert ok and "paired over the sweep's 32 prompts" in text and "margin" not in text
+    # The low end 0.01 below the peak: inside the paired noise.
+    per[0] = [x - 0.01 + rng.gauss(0, 0.05) for x in per[2]]
+    sweep["max_by_k"]["8"][0] = sum(per[0]) / 32
+    assert not rp.temperature_optimum(sweep, 0.0, "unused")[1]
+
+
 def test_switch_needs_a_significant_drop():
     text, ok = rp.switch_safer({"with_switch": 5 / 75, "without_switch": 21 / 75,
                                 "n_safety_prompts": 75})

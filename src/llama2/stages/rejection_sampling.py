@@ -242,7 +242,9 @@ def run(cfg: RejectionSamplingConfig) -> dict:
     sweep = None
     if cfg.sweep_temperatures and cfg.sweep_prompts:
         sub = prompts[: cfg.sweep_prompts]
-        sweep = {"temperatures": cfg.sweep_temperatures, "max_by_k": {}, "mean": []}
+        # max_by_prompt: each prompt's best of k at each temperature, for paired comparisons.
+        sweep = {"temperatures": cfg.sweep_temperatures, "max_by_k": {}, "mean": [],
+                 "max_by_prompt": []}
         by_k: dict[int, list[float]] = {k: [] for k in sorted({1, max(1, cfg.k // 2), cfg.k})}
         for i, t in enumerate(cfg.sweep_temperatures):
             _, r = sample_and_score(loaded, rewards, sub, cfg.k, t, cfg.max_new_tokens,
@@ -251,6 +253,7 @@ def run(cfg: RejectionSamplingConfig) -> dict:
             for k in by_k:
                 by_k[k].append(float(r[:, :k].max(1).values.mean()))
             sweep["mean"].append(float(r.mean()))
+            sweep["max_by_prompt"].append(r[:, :cfg.k].max(1).values.tolist())
         sweep["max_by_k"] = {str(k): v for k, v in by_k.items()}
     if distributed.is_main():
         plot_curves(curves, sweep, out / "curves.png")

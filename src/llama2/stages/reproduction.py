@@ -250,19 +250,27 @@ def max_median(run: RunLayout) -> tuple[str, bool]:
 
 def temperature_optimum(sweep: dict, margin: float, margin_how: str) -> tuple[str, bool]:
     """Figure 8: the best-of-K reward over the sampling temperatures peaks inside the range, and
-    both ends lie below the peak by more than `margin` (the noise of a point, `margin_how`)."""
+    both ends lie below the peak beyond the noise: with each prompt's best of K stored
+    (`max_by_prompt`), the paired 95% interval of each drop lies above 0; otherwise each drop
+    exceeds `margin` (the noise of a point, `margin_how`)."""
     k = max(sweep["max_by_k"], key=int)
     vals, temps = sweep["max_by_k"][k], sweep["temperatures"]
     if len(vals) < 3:
         raise NotMeasured("fewer than three temperatures")
     best = max(range(len(vals)), key=vals.__getitem__)
-    drops = (vals[best] - vals[0], vals[best] - vals[-1])
     curve = ", ".join(f"T={t:g} {v:.3f}" for t, v in zip(temps, vals))
     interior = 0 < best < len(vals) - 1
-    return (f"best of {k}: {curve}; peak at T={temps[best]:g}"
-            f"{'' if interior else ' (an end of the range)'}, ends lower by {drops[0]:.3f} and "
-            f"{drops[1]:.3f}; margin {margin:.3f} ({margin_how})",
-            interior and min(drops) > margin)
+    head = (f"best of {k}: {curve}; peak at T={temps[best]:g}"
+            f"{'' if interior else ' (an end of the range)'}")
+    per = sweep.get("max_by_prompt")
+    if per and len(per) == len(vals) and len({len(x) for x in per}) == 1 and len(per[0]) > 1:
+        drops = [paired_interval(per[best], per[j]) for j in (0, len(vals) - 1)]
+        return (f"{head}, ends lower by {_diff(*drops[0])} and {_diff(*drops[1])} (paired over "
+                f"the sweep's {len(per[0])} prompts)",
+                interior and min(lo for _, lo, _ in drops) > 0)
+    drops = (vals[best] - vals[0], vals[best] - vals[-1])
+    return (f"{head}, ends lower by {drops[0]:.3f} and {drops[1]:.3f}; margin {margin:.3f} "
+            f"({margin_how})", interior and min(drops) > margin)
 
 
 def temperature(run: RunLayout) -> tuple[str, bool]:
@@ -272,10 +280,10 @@ def temperature(run: RunLayout) -> tuple[str, bool]:
     rows, cfg = run.rejection_samples(1), run.rejection_sampling_config(1)
     n = (cfg or {}).get("sweep_prompts")
     if rows and n and len(rows) > 1 and all(len(r["rc"]) >= k for r in rows):
-        # The noise of one point: the standard error of a best-of-k mean over the sweep's n
-        # prompts, from the spread of best-of-k over the round's prompts; two points differ
-        # beyond noise by 1.96 * sqrt(2) standard errors (conservative: the sweep reuses its
-        # prompts at every temperature, so its points correlate).
+        # The noise of one point where the sweep's own per-prompt rewards are not stored: the
+        # standard error of a best-of-k mean over the sweep's n prompts, from the spread of
+        # best-of-k over the round's prompts; two points differ beyond noise by 1.96 * sqrt(2)
+        # standard errors (conservative: the sweep reuses its prompts at every temperature).
         sd = statistics.stdev(max(r["rc"][:k]) for r in rows)
         se = sd / n ** 0.5
         how = (f"1.96*sqrt(2)*SE, SE {se:.3f} of a point: sd {sd:.3f} of best-of-{k} over round "
