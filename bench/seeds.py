@@ -2,7 +2,7 @@
 reproduction table in how many runs it reproduced ("k of n").
 
     python bench/seeds.py --seeds 0,1,2 --out runs/seeds [--quick] [--dtype auto|float32]
-                          [--section.key value ...]
+                          [--threads N] [--section.key value ...]
 
 Seed s runs `llama2 pipeline --out OUT/seed_s` with the world seed and every training seed of
 the configuration (each field named `seed`: pretraining, SFT, reward models, preference and
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,14 @@ def pipeline_args(seed: int, out: Path, dtype: str, quick: bool, extra: list[str
     return args + extra
 
 
+def run_env(threads: int) -> dict[str, str]:
+    """The environment of a run: OMP_NUM_THREADS set where `threads` is (else the runtime's)."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
 def table(runs: dict[str, list[dict]]) -> tuple[list[dict], str]:
     findings: dict[str, list[tuple[str, dict]]] = {}
     for seed, rows in runs.items():
@@ -73,6 +82,10 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--out", default="runs/seeds")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS of every run (0: each run's own choice, the cores idle "
+                         "at its start); the thread count changes the rounding of reductions, "
+                         "so runs are repeated exactly only with the same threads")
     ap.add_argument("--recheck", action="store_true",
                     help="run nothing: read the finished runs' results with the current checks")
     args, extra = ap.parse_known_args(argv)
@@ -86,11 +99,12 @@ def main(argv: list[str]) -> None:
             runs[f"seed {s}"] = reproduction_table(run_dir)
             continue
         print(f"seed {s}: {' '.join(cmd[1:4])} --out {run_dir} ...", file=sys.stderr, flush=True)
-        subprocess.run(cmd, check=True)
+        subprocess.run(cmd, check=True, env=run_env(args.threads))
         runs[f"seed {s}"] = RunLayout(run_dir).reproduction()
     summary, md = table(runs)
     out.mkdir(parents=True, exist_ok=True)
     (out / "seeds.json").write_text(json.dumps({"dtype": args.dtype, "quick": args.quick,
+                                                "threads": args.threads or None,
                                                 "findings": summary}, indent=2) + "\n")
     (out / "seeds.md").write_text(md)
     print(md)

@@ -71,10 +71,16 @@ def pipeline_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "llama2.cli", "pipeline", "--quick", "--out", str(out), *extra]
 
 
+# Runs that are compared with each other use the same threads: the thread count changes the
+# floats of reductions, and without OMP_NUM_THREADS each run picks its own from the cores that
+# are idle when it starts (runtime.configure).
+PIPELINE_ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2"}
+
+
 def run_pipeline(out: Path, *extra: str) -> subprocess.CompletedProcess:
     """The quick pipeline in a process of its own; it must succeed."""
     r = subprocess.run(pipeline_cmd(out, *extra), capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                       env=PIPELINE_ENV)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 

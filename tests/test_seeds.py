@@ -37,3 +37,9 @@ def test_table_counts_in_how_many_runs_each_finding_reproduced() -> None:
     got = {s["finding"]: (s["reproduced"], s["runs"]) for s in summary}
     assert got == {"A": (2, 3), "B": (1, 3)}
     assert "| A | 2 of 3 |" in md and "seed 2: no, 0.5" in md
+
+
+def test_threads_are_set_only_when_asked(monkeypatch) -> None:
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert seeds.run_env(1)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in seeds.run_env(0)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import pipeline_cmd, run_pipeline
+from conftest import PIPELINE_ENV, pipeline_cmd, run_pipeline
 from llama2 import config as config_mod
 from llama2.engine import TrainConfig
 from llama2.stages.contract import MARKER, Stage, input_hash, marker_of
@@ -193,7 +193,7 @@ def _start_and_kill(out: Path, log: Path, stage: int, delay: float) -> str:
     returns where the kill landed (the last stage announced) or "finished"."""
     with open(log, "w") as f:
         proc = subprocess.Popen(pipeline_cmd(out), stdout=subprocess.DEVNULL, stderr=f,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                start_new_session=True, env=PIPELINE_ENV)
     while proc.poll() is None and f"=== [{stage}/" not in log.read_text():
         time.sleep(0.02)
     time.sleep(delay)
@@ -223,7 +223,8 @@ def test_killed_at_random_moments_it_ends_like_an_uninterrupted_run(quick_run, t
                                       rng.uniform(0, durations[stage])))
     why = f"kills (seed {seed}) landed in: {landed}"
     print(why)
-    r = subprocess.run(pipeline_cmd(out), capture_output=True, text=True, timeout=900)
+    r = subprocess.run(pipeline_cmd(out), capture_output=True, text=True, timeout=900,
+                       env=PIPELINE_ENV)
     assert r.returncode == 0, f"{why}\n{r.stderr[-3000:]}"
     assert "reproduction of the paper's findings" in r.stderr, why
     assert json.loads((out / "reproduction.json").read_text()) == \
