@@ -312,6 +312,20 @@ def test_static_cache_keeps_its_shape_and_masks_padding():
     assert pad.tokens[1] == generate(model, [[1, 2]], max_new_tokens=6, eos_id=None).tokens[0]
 
 
+def test_the_twins_rmsnorm_gives_the_models_values_bit_for_bit():
+    from llama2.model import RMSNorm
+    from llama2.packed import FastRMSNorm
+
+    torch.manual_seed(0)
+    for shape in [(1, 1, 128), (64, 1, 128), (16, 60, 128), (3, 7, 288)]:
+        norm = RMSNorm(shape[-1])
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1]))
+        x = torch.randn(shape) * 3
+        with torch.inference_mode():
+            assert torch.equal(FastRMSNorm(norm)(x), norm(x)), shape
+
+
 def test_packed_twin_decodes_what_the_model_decodes(tmp_path):
     """Eager CPU decoding runs a twin with fused projections ([wq; wk; wv], [w1; w3]) and
     oneDNN-packed large linears where the kernel is exact here (llama2.packed): the 15M config

@@ -90,8 +90,9 @@ class FusedFeedForward(nn.Module):
 
 
 class FastRMSNorm(nn.Module):
-    """`RMSNorm` for fp32 inference in four operations: F.rms_norm's CPU kernel, made for
-    mixed precision, costs twice as much a call at decoding's few rows."""
+    """`RMSNorm` for fp32 inference in four operations, the model's values bit for bit:
+    `F.rms_norm`'s CPU path, made for mixed precision, costs more a call at decoding's few
+    rows (it copies through its accumulation dtype)."""
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
@@ -138,5 +139,4 @@ def packed_twin(model: nn.Module, min_numel: int = MIN_NUMEL) -> nn.Module | Non
         twin._modules = {name: twin_of(child) for name, child in module._modules.items()}
         return twin
 
-    twin = twin_of(model)
-    return twin
+    return twin_of(model)
