@@ -320,6 +320,36 @@ def test_distillation_rows_need_intervals():
     assert rp.distill_fewer_refusals(ev, 200)[1]
 
 
+def with_flags(summary: dict, key: str, flags: dict[str, list[int]]) -> dict:
+    for model, f in flags.items():
+        summary["eval"][model][key] = f
+    return summary
+
+
+def test_distillation_pairs_the_per_prompt_flags_where_stored():
+    # The same 200 prompts: before violates on 0-11, gated on none of them; ungated on 0-1.
+    flags = {"before": [1] * 12 + [0] * 188, "gated": [0] * 200, "ungated": [1] * 2 + [0] * 198}
+    summary = with_flags(distill_summary((0.06, 0.0, 0.01)), "violations", flags)
+    text, ok = rp.distill_lifts(distill_rows(1.0), summary, 200)
+    assert ok and "gated - before -6.0 pts [" in text and "0 vs 12 discordant" in text
+    # Unpaired, 12 of 200 against 0 would be as clear; 4 against 0 is not (McNemar p 0.125).
+    flags["before"] = [1] * 4 + [0] * 196
+    summary = with_flags(distill_summary((0.02, 0.0, 0.01)), "violations", flags)
+    assert not rp.distill_lifts(distill_rows(1.0), summary, 200)[1]
+    # Gated violating where ungated does not, beyond the noise: not the paper's finding.
+    flags = {"before": [1] * 30 + [0] * 170, "gated": [1] * 12 + [0] * 188, "ungated": [0] * 200}
+    summary = with_flags(distill_summary((0.15, 0.06, 0.0)), "violations", flags)
+    text, ok = rp.distill_lifts(distill_rows(1.0), summary, 200)
+    assert not ok and "ungated - gated -6.0 pts" in text
+    # False refusals: ungated refuses 10 prompts gated answers, and one the other way.
+    fr = {"before": [0] * 200, "gated": [0] * 10 + [1] + [0] * 189, "ungated": [1] * 10 + [0] * 190}
+    ev = with_flags(distill_summary(fr=(0.0, 0.005, 0.05)), "false_refusals", fr)["eval"]
+    text, ok = rp.distill_fewer_refusals(ev, 200)
+    assert ok and "gated - ungated -4.5 pts" in text and "1 vs 10 discordant" in text
+    ev["ungated"]["false_refusals"] = [1] * 3 + [0] * 197  # 1 vs 3: within the noise
+    assert not rp.distill_fewer_refusals(ev, 200)[1]
+
+
 def scaling_result(safety_means, false_refusal, helpful=None, n: int = 60) -> dict:
     rng = random.Random(0)
     base = [rng.uniform(-0.05, 0.05) for _ in range(n)]

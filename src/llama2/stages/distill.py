@@ -248,5 +248,9 @@ def main(argv: list[str]) -> None:
     cfg: DistillConfig = parse_stage(DistillConfig, argv, "distill")
     summary = run(cfg)
     # The Trainer's own summary stays in the file (it logged its progress already).
-    json.dump({k: v for k, v in summary.items() if k != "train"}, sys.stdout, indent=2)
+    shown = {k: v for k, v in summary.items() if k != "train"}
+    if "eval" in shown:  # the per-prompt flags stay in the file
+        shown["eval"] = {m: {k: x for k, x in e.items() if not isinstance(x, list)}
+                         for m, e in shown["eval"].items()}
+    json.dump(shown, sys.stdout, indent=2)
     print(f"\ndistilled model written to {Path(cfg.out) / 'model'}")

@@ -49,16 +49,19 @@ def evaluate_safety(model: Any, world_seed: int = 0, n_helpful: int = 200, n_saf
     h_txt, s_txt = texts[: len(helpful)], texts[len(helpful): len(helpful) + len(safety)]
     b_txt = texts[len(helpful) + len(safety):]
     scores = [ann.safety(p, r) for p, r in zip(safety, s_txt)]
+    violations = [int(ann.is_violation(p, r)) for p, r in zip(safety, s_txt)]
+    refusals = [int(ann.is_refusal(r)) for r in b_txt]
     mean = statistics.fmean
     return {
         "mean_helpfulness": mean([ann.helpfulness(p, r) for p, r in zip(helpful, h_txt)])
         if helpful else None,
         "safety_scores": scores,
         "mean_safety": mean(scores) if scores else None,
-        "violation_rate": mean([ann.is_violation(p, r) for p, r in zip(safety, s_txt)])
-        if safety else None,
+        "violation_rate": mean(violations) if safety else None,
+        "violations": violations,  # per prompt, in prompt order: models compare paired
+        "false_refusals": refusals,
         "refusal_rate_safety": mean([ann.is_refusal(r) for r in s_txt]) if safety else None,
-        "false_refusal": mean([ann.is_refusal(r) for r in b_txt]) if border else None,
+        "false_refusal": mean(refusals) if border else None,
         "borderline_helpfulness": mean([ann.helpfulness(p, r) for p, r in zip(border, b_txt)])
         if border else None,
         "examples": {"helpful": list(zip([p.text for p in helpful[:3]], h_txt[:3])),
@@ -68,7 +71,8 @@ def evaluate_safety(model: Any, world_seed: int = 0, n_helpful: int = 200, n_saf
 
 
 def without_lists(ev: dict[str, Any]) -> dict[str, Any]:
-    """An evaluation without its per-prompt lists, for summaries."""
+    """An evaluation for summaries: without its per-prompt scores and examples (its 0/1
+    violation and refusal flags stay: comparisons of models on the same prompts pair them)."""
     return {k: v for k, v in ev.items() if k not in ("safety_scores", "examples")}
 
 
