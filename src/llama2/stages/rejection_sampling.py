@@ -250,10 +250,11 @@ def run(cfg: RejectionSamplingConfig) -> dict:
             _, r = sample_and_score(loaded, rewards, sub, cfg.k, t, cfg.max_new_tokens,
                                     cfg.seed + 17 * i)
             r = r["rc"]
+            best = {k: r[:, :k].max(1).values for k in by_k}  # each prompt's best of k
             for k in by_k:
-                by_k[k].append(float(r[:, :k].max(1).values.mean()))
+                by_k[k].append(float(best[k].mean()))
             sweep["mean"].append(float(r.mean()))
-            sweep["max_by_prompt"].append(r[:, :cfg.k].max(1).values.tolist())
+            sweep["max_by_prompt"].append(best[cfg.k].tolist())
         sweep["max_by_k"] = {str(k): v for k, v in by_k.items()}
     if distributed.is_main():
         plot_curves(curves, sweep, out / "curves.png")

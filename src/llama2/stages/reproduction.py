@@ -124,11 +124,15 @@ def rm_levels(run: RunLayout) -> tuple[str, bool]:
     return rm_accuracy_ordered(ev["accuracy_by_level"], ev["count_by_level"])
 
 
+def _discordant(a: list[int], b: list[int]) -> tuple[int, int]:
+    """Items where only a is 1, and where only b is (0/1 outcomes of the same items)."""
+    return (sum(x and not y for x, y in zip(a, b)), sum(y and not x for x, y in zip(a, b)))
+
+
 def _paired_binary(a: list[int], b: list[int]) -> tuple[float, float, float, str]:
     """The difference of two right/wrong rates on the same items: (d, lo, hi, how)."""
     d, lo, hi = paired_interval(a, b)
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
+    only_a, only_b = _discordant(a, b)
     return d, lo, hi, (f"paired over the same {len(a)} items: {only_a} vs {only_b} discordant, "
                        f"McNemar p={mcnemar_p(only_a, only_b):.2g}")
 
@@ -548,12 +552,9 @@ def _flags(ev: dict, key: str, n: int) -> dict[str, list[int]] | None:
 def _fewer(a: list[int], b: list[int]) -> tuple[str, bool]:
     """Whether a flags fewer of the same prompts than b: the paired difference, its discordant
     prompts and the exact McNemar test; True where a is lower with p < 0.05."""
-    only_a = sum(x and not y for x, y in zip(a, b))
-    only_b = sum(y and not x for x, y in zip(a, b))
-    p = mcnemar_p(only_a, only_b)
-    d, lo, hi = paired_interval(a, b)
-    return (f"{_pts(d, lo, hi)}, paired over {len(a)} prompts: {only_a} vs {only_b} "
-            f"discordant, McNemar p={p:.2g}", only_a < only_b and p < 0.05)
+    d, lo, hi, how = _paired_binary(a, b)
+    only_a, only_b = _discordant(a, b)
+    return f"{_pts(d, lo, hi)}, {how}", only_a < only_b and mcnemar_p(only_a, only_b) < 0.05
 
 
 def distill_safety(run: RunLayout) -> tuple[str, bool]:
