@@ -117,21 +117,26 @@ def test_marker_of_finds_the_stage_that_made_a_path(tmp_path):
     assert input_hash(tmp_path / "downloaded").startswith("path:")
 
 
-def test_rlhf_drops_the_rounds_a_smaller_config_no_longer_has(tmp_path):
-    from llama2.stages.rlhf import _drop_later_rounds
+@pytest.mark.parametrize("refresh", [0, 1])
+def test_rlhf_drops_the_rounds_a_smaller_config_no_longer_has(tmp_path, refresh):
+    from llama2.stages.rlhf import RLHFConfig, _drop_later_rounds, first_batch
 
     prefs = tmp_path / "preferences"
     prefs.mkdir()
-    for k in (0, 1):
+    for k in range(4):
         (tmp_path / f"v{k + 1}").mkdir()
         for name in (f"helpful_batch_{k}.jsonl", f"eval_stats_batch_{k}.json",
                      f"batch_{k}.done.json"):
             (prefs / name).write_text("x")
-    _drop_later_rounds(tmp_path, 1)
+    # One batch a round; with ppo_refresh, a PPO round (here from round 1) has one more.
+    cfg = RLHFConfig(out=str(tmp_path), rounds=1, ppo_from=1, ppo_refresh=refresh)
+    assert [first_batch(cfg, v) for v in (1, 2, 3)] == [0, 1 + refresh, 2 + 2 * refresh]
+    _drop_later_rounds(cfg)
     assert (tmp_path / "v1").is_dir() and not (tmp_path / "v2").exists()
-    assert sorted(p.name for p in prefs.iterdir()) == ["batch_0.done.json",
-                                                        "eval_stats_batch_0.json",
-                                                        "helpful_batch_0.jsonl"]
+    kept = sorted(p.name for p in prefs.iterdir())
+    assert kept == sorted(f"{name}_{k}.{ext}" for k in range(1 + refresh) for name, ext in
+                          (("batch", "done.json"), ("eval_stats_batch", "json"),
+                           ("helpful_batch", "jsonl")))
 
 
 # ------------------------------------------------------------------ the pipeline end to end

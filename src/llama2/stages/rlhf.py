@@ -4,6 +4,9 @@ Each round: collect a fresh preference batch from the newest policy (and an earl
 retrain both reward models on all batches so far (from the SFT checkpoint, as the paper
 initializes RMs from chat checkpoints), run rejection sampling from the newest policy, and from
 round `ppo_from` on run PPO on top of the rejection-sampling checkpoint (the paper's V4 on).
+With `ppo_refresh` R, a PPO round then collects R more batches, each from its newest PPO policy,
+retrains the Helpfulness RM on them and reruns PPO from the same start: an RM that has scored
+the policy's own answers keeps PPO from a reward hack it found (§3.2.1, "on-distribution").
 Every sub-stage (a preference batch, an RM, rejection sampling, PPO) writes its outputs and
 then its marker (contract.py): one done with the same settings and inputs is skipped, so an
 interrupted run resumes where it stopped, and one whose settings changed runs again.
@@ -46,6 +49,9 @@ class RLHFConfig:
     # What rejection sampling and PPO optimize: "rm" (the recipe) or "annotator" (a gold-reward
     # run: the world's annotators, the optimizer's ceiling). Both rewards are always logged.
     reward: str = "rm"
+    # Preference batches collected from each PPO round's own policy, each followed by a
+    # Helpfulness RM trained on all batches so far and PPO rerun from the round's start.
+    ppo_refresh: int = 0
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     helpful_rm: RewardConfig = field(default_factory=lambda: RewardConfig(kind="helpfulness"))
     safety_rm: RewardConfig = field(default_factory=lambda: RewardConfig(
@@ -57,6 +63,11 @@ class RLHFConfig:
 def batch_marker(prefs_dir: str | Path, k: int, split: str = "train") -> Path:
     """The marker of preference batch k (its files: [eval_]{helpful,safety,stats}_batch_k)."""
     return Path(prefs_dir) / f"{'' if split == 'train' else split + '_'}batch_{k}{SUFFIX}"
+
+
+def first_batch(cfg: RLHFConfig, v: int) -> int:
+    """The index of round v's preference batch: one a round, and `ppo_refresh` more a PPO round."""
+    return v - 1 + cfg.ppo_refresh * max(0, v - cfg.ppo_from)
 
 
 def _batch_stage(prefs_dir: Path, k: int, split: str, pc: PreferencesConfig | None) -> Stage:
@@ -93,39 +104,68 @@ def round_record(cfg: RLHFConfig, v: int) -> dict:
               "rejection_sampling": str(out / "rejection_sampling" / "train" / "model"),
               "best": str(out / "rejection_sampling" / "best.jsonl")}
     if v >= cfg.ppo_from:
-        record["ppo"] = str(out / "ppo" / "model")
+        last = out / f"refresh_{cfg.ppo_refresh}" if cfg.ppo_refresh else out
+        record["ppo"] = str(last / "ppo" / "model")
+        record["rm_helpful"] = str(last / "rm_helpful" / "model")
     return {**record, "model": record.get("ppo", record["rejection_sampling"])}
+
+
+def _collect_batch(cfg: RLHFConfig, k: int, models: list[str], eval_share: float) -> None:
+    """Preference batch k sampled from `models`, and its held-out share on eval-split prompts."""
+    prefs_dir = Path(cfg.out) / "preferences"
+    for split, n_scale in (("train", 1.0), ("eval", eval_share)):
+        if n_scale <= 0:
+            _batch_stage(prefs_dir, k, split, None).remove("no held-out share")
+            continue
+        pc = copy.deepcopy(cfg.preferences)
+        pc.models, pc.out, pc.batch = list(models), str(prefs_dir), k
+        pc.world_seed, pc.split = cfg.world_seed, split
+        pc.n_helpful, pc.n_safety = round(pc.n_helpful * n_scale), round(pc.n_safety * n_scale)
+        stage = _batch_stage(prefs_dir, k, split, pc)
+        if not stage.done():
+            collect(pc)
+            stage.finish()
+
+
+def _ppo(cfg: RLHFConfig, v: int, start: str, rm_h: Path, rm_s: Path, out: Path) -> str:
+    pc = copy.deepcopy(cfg.ppo)
+    pc.model, pc.helpful_rm, pc.safety_rm = start, str(rm_h), str(rm_s)
+    pc.out, pc.round, pc.world_seed, pc.reward = str(out), v, cfg.world_seed, cfg.reward
+
+    def ppo() -> None:
+        pc.resume = checkpointing.latest(out) is not None  # continue a killed run
+        PPO(pc).run()
+
+    # Under torchrun every rank runs PPO (FSDP2, the rollouts split over the ranks).
+    Stage(out / MARKER, {"ppo": pc},
+          {f"ppo.{k}": getattr(pc, k) for k in ("model", "helpful_rm", "safety_rm")}).run(ppo)
+    return str(out / "model")
 
 
 def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) -> dict:
     """Round v (1-based) starting from `policy`; returns the round's record."""
     out = Path(cfg.out)
     prefs_dir = out / "preferences"
-    for split, n_scale in (("train", 1.0), ("eval", cfg.eval_share)):
-        if n_scale <= 0:
-            _batch_stage(prefs_dir, v - 1, split, None).remove("eval_share is 0")
-            continue
-        pc = copy.deepcopy(cfg.preferences)
-        # Two responses from different model variants and temperatures (§3.2.1): the newest
-        # policy, the SFT model after round 1, and the base model. Each batch also gets
-        # held-out comparisons on eval-split prompts to evaluate the RMs.
-        pc.models = [policy] + ([cfg.sft] if v > 1 else []) + ([cfg.base] if cfg.base else [])
-        pc.out, pc.batch, pc.world_seed, pc.split = str(prefs_dir), v - 1, cfg.world_seed, split
-        pc.n_helpful, pc.n_safety = round(pc.n_helpful * n_scale), round(pc.n_safety * n_scale)
-        stage = _batch_stage(prefs_dir, v - 1, split, pc)
-        if not stage.done():
-            collect(pc)
-            stage.finish()
-    helpful = [str(prefs_dir / f"helpful_batch_{k}.jsonl") for k in range(v)]
-    safety = [str(prefs_dir / f"safety_batch_{k}.jsonl") for k in range(v)]
-    held_h = [str(prefs_dir / f"eval_helpful_batch_{v - 1}.jsonl")] if cfg.eval_share > 0 else []
-    held_s = [str(prefs_dir / f"eval_safety_batch_{v - 1}.jsonl")] if cfg.eval_share > 0 else []
-    batches = [batch_marker(prefs_dir, k) for k in range(v)]
-    held = [batch_marker(prefs_dir, v - 1, "eval")]
-    rm_h = _train_rm("helpful_rm", cfg.helpful_rm, cfg.sft, out / f"v{v}" / "rm_helpful",
-                     helpful, safety, held_h, batches, held)
-    rm_s = _train_rm("safety_rm", cfg.safety_rm, cfg.sft, out / f"v{v}" / "rm_safety",
-                     helpful, safety, held_s, batches, held)
+    first = first_batch(cfg, v)
+    # Two responses from different model variants and temperatures (§3.2.1): the newest
+    # policy, the SFT model after round 1, and the base model. Each batch also gets held-out
+    # comparisons on eval-split prompts to evaluate the RMs.
+    _collect_batch(cfg, first, [policy] + ([cfg.sft] if v > 1 else []) + ([cfg.base] if cfg.base else []),
+                   cfg.eval_share)
+
+    def train_rms(last: int, kinds: tuple[str, ...], where: Path) -> list[Path]:
+        helpful = [str(prefs_dir / f"helpful_batch_{b}.jsonl") for b in range(last + 1)]
+        safety = [str(prefs_dir / f"safety_batch_{b}.jsonl") for b in range(last + 1)]
+        batches = [batch_marker(prefs_dir, b) for b in range(last + 1)]
+        # Every RM of the round is evaluated on the held-out pairs of the round's first batch.
+        held = [batch_marker(prefs_dir, first, "eval")]
+        return [_train_rm(f"{kind}_rm", getattr(cfg, f"{kind}_rm"), cfg.sft, where / f"rm_{kind}",
+                          helpful, safety,
+                          [str(prefs_dir / f"eval_{kind}_batch_{first}.jsonl")] if cfg.eval_share > 0
+                          else [], batches, held)
+                for kind in kinds]
+
+    rm_h, rm_s = train_rms(first, ("helpful", "safety"), out / f"v{v}")
 
     rs_dir = out / f"v{v}" / "rejection_sampling"
     rc = copy.deepcopy(cfg.rejection_sampling)
@@ -138,30 +178,30 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
            for k in ("model", "helpful_rm", "safety_rm", "previous")}).run(
         lambda: rejection_sample(rc))
     record = round_record(cfg, v)
-    ppo_dir = out / f"v{v}" / "ppo"
-    if v >= cfg.ppo_from:
-        pc = copy.deepcopy(cfg.ppo)
-        pc.model, pc.helpful_rm, pc.safety_rm = record["rejection_sampling"], str(rm_h), str(rm_s)
-        pc.out, pc.round, pc.world_seed, pc.reward = str(ppo_dir), v, cfg.world_seed, cfg.reward
-
-        def ppo() -> None:
-            pc.resume = checkpointing.latest(ppo_dir) is not None  # continue a killed run
-            PPO(pc).run()
-
-        # Under torchrun every rank runs PPO (FSDP2, the rollouts split over the ranks).
-        Stage(ppo_dir / MARKER, {"ppo": pc},
-              {f"ppo.{k}": getattr(pc, k) for k in ("model", "helpful_rm", "safety_rm")}).run(ppo)
-    else:
-        Stage(ppo_dir / MARKER, {}).remove(f"PPO starts at round {cfg.ppo_from}")
+    refreshes = [f"refresh_{r}" for r in range(1, cfg.ppo_refresh + 1)]
+    prune(out / f"v{v}", ["rm_helpful", "rm_safety", "rejection_sampling"]
+          + (["ppo", *refreshes] if v >= cfg.ppo_from else []))
+    if v < cfg.ppo_from:
+        return record
+    newest = _ppo(cfg, v, record["rejection_sampling"], rm_h, rm_s, out / f"v{v}" / "ppo")
+    for r in range(1, cfg.ppo_refresh + 1):
+        # The newest PPO policy's answers, against the round's start, annotated (§3.2.1): the
+        # Helpfulness RM learns what PPO found to please it; PPO restarts under that RM.
+        where = out / f"v{v}" / f"refresh_{r}"
+        _collect_batch(cfg, first + r, [newest, policy], 0.0)
+        (rm_h,) = train_rms(first + r, ("helpful",), where)
+        newest = _ppo(cfg, v, record["rejection_sampling"], rm_h, rm_s, where / "ppo")
     return record
 
 
-def _drop_later_rounds(out: Path, rounds: int) -> None:
-    """Rounds past `rounds` (a run that had more): their folders and preference batches."""
+def _drop_later_rounds(cfg: RLHFConfig) -> None:
+    """Rounds past `cfg.rounds` (a run that had more): their folders and preference batches."""
+    out, rounds = Path(cfg.out), cfg.rounds
     prune(out, ["preferences"] + [f"v{v}" for v in range(1, rounds + 1)])
     prefs = out / "preferences"
+    n = first_batch(cfg, rounds + 1)
     stale = [f for f in (prefs.iterdir() if prefs.is_dir() else [])
-             if (m := re.search(r"batch_(\d+)\.", f.name)) and int(m.group(1)) >= rounds]
+             if (m := re.search(r"batch_(\d+)\.", f.name)) and int(m.group(1)) >= n]
     if distributed.is_main():
         for f in stale:
             f.unlink()
@@ -175,7 +215,7 @@ def run(cfg: RLHFConfig) -> list[dict]:
         raise ValueError("set --sft PATH (the SFT model)")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _drop_later_rounds(out, cfg.rounds)
+    _drop_later_rounds(cfg)
     policy, best_files, records = cfg.sft, [], []
     for v in range(1, cfg.rounds + 1):
         rec = run_round(cfg, v, policy, best_files)
