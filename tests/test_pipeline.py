@@ -32,6 +32,30 @@ def test_quick_config_is_the_tiny_one_made_small():
 
 
 @pytest.mark.slow
+def test_ppo_refresh_retrains_the_rm_on_the_ppo_policy(quick_run: Path) -> None:
+    """With ppo_refresh 1 (the quick and tiny configs), the round collects a batch from its first
+    PPO policy, retrains the Helpfulness RM on every batch and reruns PPO from the same start
+    under it; the round's model is that second PPO run."""
+    rlhf = quick_run / "rlhf"
+    (record,) = json.loads((rlhf / "rounds.json").read_text())
+    refresh = rlhf / "v1" / "refresh_1"
+    assert record["model"] == record["ppo"] == str(refresh / "ppo" / "model")
+    assert record["rm_helpful"] == str(refresh / "rm_helpful" / "model")
+    stats = json.loads((rlhf / "preferences" / "stats_batch_1.json").read_text())
+    assert stats["models"][0] == str(rlhf / "v1" / "ppo" / "model")
+    assert not (rlhf / "preferences" / "eval_stats_batch_1.json").exists()
+    rm = json.loads((refresh / "rm_helpful" / "config.json").read_text())
+    assert [Path(f).name for f in rm["helpful_data"]] == ["helpful_batch_0.jsonl",
+                                                          "helpful_batch_1.jsonl"]
+    assert json.loads((refresh / "rm_helpful" / "eval.json").read_text())["n"] > 0
+    first, second = (json.loads((d / "config.json").read_text())
+                     for d in (rlhf / "v1" / "ppo", refresh / "ppo"))
+    assert first["model"] == second["model"] == record["rejection_sampling"]
+    assert (first["helpful_rm"], second["helpful_rm"]) == (
+        str(rlhf / "v1" / "rm_helpful" / "model"), record["rm_helpful"])
+
+
+@pytest.mark.slow
 def test_the_quick_pipeline_writes_every_output(quick_run: Path) -> None:
     """Every stage's output, the reproduction table, the report with its plots. (Resuming after
     a kill: tests/test_stage_contract.py, which kills this run's stages at random moments.)"""

@@ -10,8 +10,9 @@ Files at fixed places (what `llama2 pipeline` writes):
   "reproduced": bool}, ...]`, the reproduction table.
 - `versions.json`: `{version: checkpoint}` for every model version, in recipe order.
 - `rlhf/rounds.json`: one record per RLHF round, `{"round", "rm_helpful", "rm_safety",
-  "rejection_sampling", "best", "ppo"?, "model"}` (checkpoint paths); each reward model's
-  evaluation is the `eval.json` beside its checkpoint.
+  "rejection_sampling", "best", "ppo"?, "model"}` (checkpoint paths; with `ppo_refresh`, the
+  PPO model and Helpfulness RM of the round's last `rlhf/v<round>/refresh_<r>/`); each reward
+  model's evaluation is the `eval.json` beside its checkpoint.
 - `pipeline_config.json`: the settings of every stage of the run (`llama2 pipeline`), written last.
 - `rlhf/v<round>/rejection_sampling/curves.json`: `{"curves": {"k", "max", "median"}, "sweep":
   {"temperatures", "max_by_k"}, "switch_ablation": {"with_switch", "without_switch",
