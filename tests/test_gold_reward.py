@@ -88,3 +88,15 @@ def test_the_gold_reward_needs_world_prompts():
         proxy_and_gold("annotator", "", "", files)
     with pytest.raises(ValueError, match="reward must be one of"):
         proxy_and_gold("oracle", "", "", files)
+
+
+def test_a_gold_reward_run_skips_the_rm_refresh(tmp_path):
+    """The refresh retrains the RM that PPO optimizes; a gold-reward PPO optimizes the annotators,
+    so its round has one PPO run and one preference batch."""
+    from llama2.stages.rlhf import RLHFConfig, first_batch, round_record
+
+    for reward, ppo_dir, batches in (("rm", "v2/refresh_1/ppo/model", 3),
+                                     ("annotator", "v2/ppo/model", 2)):
+        cfg = RLHFConfig(out=str(tmp_path), rounds=2, ppo_from=2, ppo_refresh=1, reward=reward)
+        assert round_record(cfg, 2)["model"] == str(tmp_path / ppo_dir)
+        assert first_batch(cfg, 3) == batches

@@ -50,8 +50,13 @@ class RLHFConfig:
     # run: the world's annotators, the optimizer's ceiling). Both rewards are always logged.
     reward: str = "rm"
     # Preference batches collected from each PPO round's own policy, each followed by a
-    # Helpfulness RM trained on all batches so far and PPO rerun from the round's start.
+    # Helpfulness RM trained on all batches so far and PPO rerun from the round's start (none
+    # in a gold-reward run: PPO does not optimize the RM there).
     ppo_refresh: int = 0
+
+    @property
+    def refreshes(self) -> int:
+        return self.ppo_refresh if self.reward == "rm" else 0
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     helpful_rm: RewardConfig = field(default_factory=lambda: RewardConfig(kind="helpfulness"))
     safety_rm: RewardConfig = field(default_factory=lambda: RewardConfig(
@@ -67,7 +72,7 @@ def batch_marker(prefs_dir: str | Path, k: int, split: str = "train") -> Path:
 
 def first_batch(cfg: RLHFConfig, v: int) -> int:
     """The index of round v's preference batch: one a round, and `ppo_refresh` more a PPO round."""
-    return v - 1 + cfg.ppo_refresh * max(0, v - cfg.ppo_from)
+    return v - 1 + cfg.refreshes * max(0, v - cfg.ppo_from)
 
 
 def _batch_stage(prefs_dir: Path, k: int, split: str, pc: PreferencesConfig | None) -> Stage:
@@ -104,7 +109,7 @@ def round_record(cfg: RLHFConfig, v: int) -> dict:
               "rejection_sampling": str(out / "rejection_sampling" / "train" / "model"),
               "best": str(out / "rejection_sampling" / "best.jsonl")}
     if v >= cfg.ppo_from:
-        last = out / f"refresh_{cfg.ppo_refresh}" if cfg.ppo_refresh else out
+        last = out / f"refresh_{cfg.refreshes}" if cfg.refreshes else out
         record["ppo"] = str(last / "ppo" / "model")
         record["rm_helpful"] = str(last / "rm_helpful" / "model")
     return {**record, "model": record.get("ppo", record["rejection_sampling"])}
@@ -178,13 +183,13 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
            for k in ("model", "helpful_rm", "safety_rm", "previous")}).run(
         lambda: rejection_sample(rc))
     record = round_record(cfg, v)
-    refreshes = [f"refresh_{r}" for r in range(1, cfg.ppo_refresh + 1)]
+    refresh_dirs = [f"refresh_{r}" for r in range(1, cfg.refreshes + 1)]
     prune(out / f"v{v}", ["rm_helpful", "rm_safety", "rejection_sampling"]
-          + (["ppo", *refreshes] if v >= cfg.ppo_from else []))
+          + (["ppo", *refresh_dirs] if v >= cfg.ppo_from else []))
     if v < cfg.ppo_from:
         return record
     newest = _ppo(cfg, v, record["rejection_sampling"], rm_h, rm_s, out / f"v{v}" / "ppo")
-    for r in range(1, cfg.ppo_refresh + 1):
+    for r in range(1, cfg.refreshes + 1):
         # The newest PPO policy's answers, against the round's start, annotated (§3.2.1): the
         # Helpfulness RM learns what PPO found to please it; PPO restarts under that RM.
         where = out / f"v{v}" / f"refresh_{r}"
