@@ -53,16 +53,16 @@ class RLHFConfig:
     # Helpfulness RM trained on all batches so far and PPO rerun from the round's start (none
     # in a gold-reward run: PPO does not optimize the RM there).
     ppo_refresh: int = 0
-
-    @property
-    def refreshes(self) -> int:
-        return self.ppo_refresh if self.reward == "rm" else 0
     preferences: PreferencesConfig = field(default_factory=PreferencesConfig)
     helpful_rm: RewardConfig = field(default_factory=lambda: RewardConfig(kind="helpfulness"))
     safety_rm: RewardConfig = field(default_factory=lambda: RewardConfig(
         kind="safety", aux_safety_loss=True))
     rejection_sampling: RejectionSamplingConfig = field(default_factory=RejectionSamplingConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    @property
+    def refreshes(self) -> int:
+        return self.ppo_refresh if self.reward == "rm" else 0
 
 
 def batch_marker(prefs_dir: str | Path, k: int, split: str = "train") -> Path:
@@ -218,6 +218,8 @@ def _drop_later_rounds(cfg: RLHFConfig) -> None:
 def run(cfg: RLHFConfig) -> list[dict]:
     if not cfg.sft:
         raise ValueError("set --sft PATH (the SFT model)")
+    if cfg.ppo_refresh < 0:
+        raise ValueError(f"ppo_refresh must be 0 or more, got {cfg.ppo_refresh}")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     _drop_later_rounds(cfg)
