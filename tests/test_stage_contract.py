@@ -177,10 +177,14 @@ def test_a_changed_setting_re_runs_what_it_touches_and_the_config_matches(quick_
     assert json.loads((out / "pipeline_config.json").read_text()) == \
         json.loads(json.dumps(requested, default=str))
 
-    # A PPO setting: only PPO among the RLHF sub-stages, and the stages after it.
+    # A PPO setting: among the RLHF sub-stages PPO and what its policy feeds (the refresh batch,
+    # the RM trained on it, the second PPO), and the stages after it.
     r = run_pipeline(out, "--pretrain.train.max_steps", "30", "--rlhf.ppo.iterations", "1")
-    assert f"{out / 'rlhf' / 'v1' / 'ppo'}: config changed (keys: ppo.iterations)" in r.stderr
-    assert "rm_helpful:" not in r.stderr and "rejection_sampling:" not in r.stderr
+    v1 = out / "rlhf" / "v1"
+    assert f"{v1 / 'ppo'}: config changed (keys: ppo.iterations)" in r.stderr
+    assert f"{v1 / 'refresh_1' / 'rm_helpful'}: inputs re-made" in r.stderr
+    assert f"{v1 / 'refresh_1' / 'ppo'}: config changed (keys: ppo.iterations)" in r.stderr
+    assert f"{v1 / 'rm_helpful'}:" not in r.stderr and "rejection_sampling:" not in r.stderr
     # world, tokenizer, pretraining, SFT, the RM ablations, safety data scaling
     assert r.stderr.count("(already done: skipped)") == 6
     # A stage switched off: its outputs go, and the report no longer counts on them.
