@@ -155,19 +155,20 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
     # Two responses from different model variants and temperatures (§3.2.1): the newest
     # policy, the SFT model after round 1, and the base model. Each batch also gets held-out
     # comparisons on eval-split prompts to evaluate the RMs.
-    _collect_batch(cfg, first, [policy] + ([cfg.sft] if v > 1 else []) + ([cfg.base] if cfg.base else []),
-                   cfg.eval_share)
+    models = [policy] + ([cfg.sft] if v > 1 else []) + ([cfg.base] if cfg.base else [])
+    _collect_batch(cfg, first, models, cfg.eval_share)
 
     def train_rms(last: int, kinds: tuple[str, ...], where: Path) -> list[Path]:
-        helpful = [str(prefs_dir / f"helpful_batch_{b}.jsonl") for b in range(last + 1)]
-        safety = [str(prefs_dir / f"safety_batch_{b}.jsonl") for b in range(last + 1)]
+        """RMs trained on batches 0..last, each evaluated on the held-out pairs of the round's
+        first batch (every RM of a round on the same pairs)."""
+        data = {name: [str(prefs_dir / f"{name}_batch_{b}.jsonl") for b in range(last + 1)]
+                for name in ("helpful", "safety")}
         batches = [batch_marker(prefs_dir, b) for b in range(last + 1)]
-        # Every RM of the round is evaluated on the held-out pairs of the round's first batch.
         held = [batch_marker(prefs_dir, first, "eval")]
         return [_train_rm(f"{kind}_rm", getattr(cfg, f"{kind}_rm"), cfg.sft, where / f"rm_{kind}",
-                          helpful, safety,
-                          [str(prefs_dir / f"eval_{kind}_batch_{first}.jsonl")] if cfg.eval_share > 0
-                          else [], batches, held)
+                          data["helpful"], data["safety"],
+                          [str(prefs_dir / f"eval_{kind}_batch_{first}.jsonl")]
+                          if cfg.eval_share > 0 else [], batches, held)
                 for kind in kinds]
 
     rm_h, rm_s = train_rms(first, ("helpful", "safety"), out / f"v{v}")
