@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from llama2.stages.pipeline import parse_args
+from llama2 import config as config_mod
+from llama2.stages.pipeline import parse_args, trained_alike
+from llama2.stages.reward import RewardConfig
 
 STAGE_OUTPUTS = [
     "world/corpus.txt", "tokenizer.model", "pretrain/model/config.json", "sft/model/config.json",
@@ -53,6 +58,33 @@ def test_ppo_refresh_retrains_the_rm_on_the_ppo_policy(quick_run: Path) -> None:
     assert first["model"] == second["model"] == record["rejection_sampling"]
     assert (first["helpful_rm"], second["helpful_rm"]) == (
         str(rlhf / "v1" / "rm_helpful" / "model"), record["rm_helpful"])
+
+
+@pytest.mark.slow
+def test_the_default_margin_variant_is_round_ones_rm_copied(quick_run: Path) -> None:
+    """The ablation's variant with the rounds' own settings is round 1's RM (same pairs, seed and
+    settings): copied with its evaluation, its config naming its own folder; the others train."""
+    def weights(folder: Path) -> dict:
+        return load_file(folder / "model" / "model.safetensors")
+
+    v1, abl = quick_run / "rlhf" / "v1", quick_run / "rm_ablation"
+    same, other = weights(v1 / "rm_helpful"), weights(abl / "margin_none")
+    assert all(torch.equal(same[k], w) for k, w in weights(abl / "margin_small").items())
+    assert not all(torch.equal(same[k], w) for k, w in other.items())
+    assert _text(abl / "margin_small" / "eval.json") == _text(v1 / "rm_helpful" / "eval.json")
+    config = json.loads((abl / "margin_small" / "config.json").read_text())
+    assert config["out"] == str(abl / "margin_small") and config["margin"] == "small"
+
+
+def test_an_rm_is_copied_only_when_trained_alike(tmp_path: Path) -> None:
+    rc = RewardConfig(model="sft/model", out=str(tmp_path / "a"), helpful_data=["h.jsonl"])
+    (tmp_path / "a" / "model").mkdir(parents=True)
+    assert not trained_alike(rc, tmp_path / "a")  # no finished run there
+    config_mod.save(rc, tmp_path / "a" / "config.json")
+    (tmp_path / "a" / "model" / "config.json").write_text("{}")
+    assert trained_alike(dataclasses.replace(rc, out=str(tmp_path / "b")), tmp_path / "a")
+    assert not trained_alike(dataclasses.replace(rc, margin="large"), tmp_path / "a")
+    assert not trained_alike(dataclasses.replace(rc, seed=1), tmp_path / "a")
 
 
 @pytest.mark.slow
