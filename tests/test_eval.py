@@ -121,11 +121,15 @@ def test_mc_scoring_with_a_fake_loglik():
                    {"No": 1, "No, it is blue": 1, "Yes": 0})
     fake = {" No": -1.0, " Yes": -5.0, " Maybe": -4.0, " No, it is blue": -2.0}
 
+    scored = []
+
     def loglik(pairs):
         assert all(c.endswith("Q: Is the sky green?\nA:") for c, _ in pairs)
+        scored.extend(a for _, a in pairs)
         return [fake[a] for _, a in pairs]
 
     res = evaluate_mc([q], loglik)
+    assert sorted(scored) == sorted(fake)  # "No" and "Yes" are in both lists: scored once
     assert res["mc1"] == 1.0 and res["n_questions"] == 1
     p_true = math.exp(-1) + math.exp(-2)
     assert math.isclose(res["mc2"], p_true / (p_true + math.exp(-5)))

@@ -134,7 +134,9 @@ def evaluate_mc(questions: Sequence[MCQuestion], loglik: LogLik, primer: str = Q
         start = len(pairs)
         pairs += [(ctx, " " + a) for a in q.mc1] + [(ctx, " " + a) for a in q.mc2]
         spans.append((start, start + len(q.mc1), start + len(q.mc1) + len(q.mc2)))
-    lls = loglik(pairs) if pairs else []
+    unique = list(dict.fromkeys(pairs))  # MC2 repeats most of MC1's answers: each scored once
+    scored = dict(zip(unique, loglik(unique))) if unique else {}
+    lls = [scored[p] for p in pairs]
     mc1s, mc2s = [], []
     for q, (a, b, c) in zip(questions, spans):
         m1, m2 = score_question(q, lls[a:b], lls[b:c])
