@@ -14,7 +14,6 @@ from llama2 import checkpoint
 from llama2.chat import B_INST, E_INST, encode_prompt
 from llama2.data.sft import collate_rows, encode_examples, pack
 from llama2.engine import IGNORE_INDEX, TrainConfig
-from llama2.engine.losses import causal_lm_loss
 from llama2.eval import attention_probe, multiturn
 from llama2.model import ModelArgs, Transformer
 from llama2.stages import gatt
@@ -78,38 +77,6 @@ def test_gatt_training_dialog_learns_only_the_last_turn(tiny):
     learned = (batch["targets"][0] != IGNORE_INDEX).nonzero().view(-1).tolist()
     last_answer = [i for i, m in enumerate(mask) if m]
     assert [i + 1 for i in learned] == last_answer[1:] or [i + 1 for i in learned] == last_answer
-
-
-def test_learning_every_turn_of_a_dialog_equals_learning_each_prefix_last_turn(tiny):
-    """`every_turn`: one example learning all n answers gives the loss, summed over learned
-    tokens, of the n prefixes each learning its own last answer (the same context per answer),
-    and the stage passes one learn rule per dialog (its replayed demonstrations learn the last)."""
-    tok, folder = tiny
-    model = load_policy(str(folder), "cpu").model
-    inst = instruction_by_name("style_pirate").verbose
-    users = ["What is 4 plus 1?", "Add 6 and 3.", "What is Orla's job?"]
-    answers = ["Arr, 4 plus 1 is 5.", "Arr, 6 plus 3 is 9.", "Arr, Orla is a doctor."]
-    dialog = gatt.training_dialogs([{"inst": inst, "users": users, "answers": answers}])[0]
-    prefixes = [gatt.training_dialog(inst, users[:t], answers[:t]) for t in (1, 2, 3)]
-
-    def summed_loss(dialogs, learn):
-        examples, _ = encode_examples(tok, dialogs, 256, learn=learn)
-        batch = collate_rows([r for ex in examples for r in pack([ex], 256)], 256, tok.pad_id)
-        with torch.no_grad():
-            loss, n = causal_lm_loss(model, batch["tokens"], batch["targets"],
-                                     positions=batch["positions"], mask=batch["mask"])
-        return float(loss) * n, n
-
-    whole, n_whole = summed_loss([dialog], "all")
-    split, n_split = summed_loss(prefixes, "last")
-    assert n_whole == n_split > 0
-    assert whole == pytest.approx(split, rel=1e-5)
-    # Learning only the last turn of the whole dialog is the last prefix alone.
-    assert summed_loss([dialog], "last") == pytest.approx(summed_loss(prefixes[-1:], "last"))
-    mixed, _ = encode_examples(tok, [dialog, dialog], 256, learn=["all", "last"])
-    assert sum(mixed[0].mask) > sum(mixed[1].mask) > 0
-    with pytest.raises(ValueError, match="learn: 1 values for 2 dialogs"):
-        encode_examples(tok, [dialog, dialog], 256, learn=["all"])
 
 
 @pytest.fixture

@@ -108,6 +108,30 @@ def test_outputs_without_a_record_are_not_kept(tmp_path, capsys):
     assert "without a record of their config" in capsys.readouterr().err
 
 
+def test_a_stage_made_as_a_finished_one_was_is_copied_from_it(tmp_path, capsys):
+    up, twin = tmp_path / "up", tmp_path / "twin"
+    _run(up, Toy(n=1))
+    _run(twin, Toy(model=str(up / "model")), **{"toy.model": up / "model"})
+    (twin / "eval.json").write_text('{"acc": 0.7}')
+    trained = []
+
+    def run(folder: Path, cfg: Toy) -> bool:
+        stage = _stage(folder, cfg, **{"toy.model": up / "model"})
+        return stage.run(lambda: trained.append(folder), twin, cfg)
+
+    same = Toy(model=str(up / "model"), out=str(tmp_path / "copy"))
+    assert not run(tmp_path / "copy", same) and not trained
+    assert (tmp_path / "copy" / "eval.json").read_text() == '{"acc": 0.7}'
+    assert json.loads((tmp_path / "copy" / "config.json").read_text())["out"] == same.out
+    assert f"{tmp_path / 'copy'}: made as {twin} was" in capsys.readouterr().err
+    assert run(tmp_path / "copy", same)  # done now, with its own marker
+    # Other settings, or the same settings on a re-made input: trained, not copied.
+    assert not run(tmp_path / "other", Toy(model=str(up / "model"), n=5))
+    _run(up, Toy(n=2))
+    assert not run(tmp_path / "later", same)
+    assert trained == [tmp_path / "other", tmp_path / "later"]
+
+
 def test_marker_of_finds_the_stage_that_made_a_path(tmp_path):
     rs = tmp_path / "rlhf" / "v1" / "rejection_sampling"
     _run(rs, Toy())

@@ -9,7 +9,7 @@ rotary positions and a block-diagonal attention mask, so no dialog attends to an
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,19 +34,12 @@ class Row:
     examples: list[Example]
 
 
-Learn = Literal["all", "last"]
-
-
-def encode_examples(tok: Tokenizer, dialogs: Sequence[Dialog], seq_len: int,
-                    learn: Learn | Sequence[Learn] = "all") -> tuple[list[Example], int]:
-    """Encode dialogs; those longer than seq_len are cut (counted in the second value).
-    learn: the answers learned ("all" or "last"), for every dialog or one per dialog."""
-    learns = [learn] * len(dialogs) if isinstance(learn, str) else list(learn)
-    if len(learns) != len(dialogs):
-        raise ValueError(f"learn: {len(learns)} values for {len(dialogs)} dialogs")
+def encode_examples(tok: Tokenizer, dialogs: Iterable[Dialog], seq_len: int,
+                    learn: Literal["all", "last"] = "all") -> tuple[list[Example], int]:
+    """Encode dialogs; those longer than seq_len are cut (counted in the second value)."""
     out, cut = [], 0
-    for d, how in zip(dialogs, learns):
-        ids, mask = encode_dialog(tok, d, learn=how)
+    for d in dialogs:
+        ids, mask = encode_dialog(tok, d, learn=learn)
         if len(ids) > seq_len:
             ids, mask = ids[:seq_len], mask[:seq_len]
             cut += 1

@@ -216,13 +216,36 @@ class Stage:
         self._write(complete=True)
         distributed.barrier(distributed.current())
 
-    def run(self, body: Callable[[], Any]) -> bool:
-        """Run `body` unless done, then mark the stage done; returns True if skipped."""
+    def run(self, body: Callable[[], Any], twin: str | Path | None = None,
+            config: Any = None) -> bool:
+        """Run `body` unless done (or made as `twin`'s copy), then mark the stage done; returns
+        True if skipped."""
         if self.done():
             return True
-        body()
+        if twin is None or not self.copy_of(twin, config):
+            body()
         self.finish()
         return False
+
+    def copy_of(self, twin: str | Path, config: Any = None) -> bool:
+        """Where the stage in folder `twin` finished with this one's hash (the same settings
+        and inputs, its folder aside), copy its outputs here instead of running it again:
+        training is deterministic, so they are what this stage would make. `config` is saved
+        as the copy's config.json (which names its own folder). False where `twin` is not that
+        stage. Call it between done() and finish()."""
+        record = _read(Path(twin) / MARKER)
+        if not (record and record.get("complete") and record["hash"] == self.hash
+                and self.marker.name == MARKER):
+            return False
+        if distributed.is_main():  # finish() holds the other ranks until the copy is there
+            shutil.copytree(twin, self.marker.parent, dirs_exist_ok=True,
+                            ignore=shutil.ignore_patterns(MARKER))
+            if config is not None:
+                from llama2.config import save
+
+                save(config, self.marker.parent / "config.json")
+        notice(f"{self.name}: made as {twin} was (same settings and inputs) -> copied")
+        return True
 
     def clear(self) -> bool:
         """Remove the outputs and the marker; True if anything was there (rank 0 removes,

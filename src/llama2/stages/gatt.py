@@ -7,16 +7,14 @@ combination of two; verbose or terse phrasing, "Figure: wizard", half the time).
 appended to every user turn and the assistant turns are sampled from the latest policy. For
 training, `inst` is kept only as the system message of the first turn and the loss is zeroed on
 every token of the earlier turns, assistant turns included: only the last turn is learned
-(`gatt_example`, `learn="last"`).
+(`finetune(..., learn="last")`).
 
 Project choices (the paper is silent; tested in tests/test_gatt.py):
 - Dialogs are 1..`max_turns` turns long (uniform), so the model sees the instruction at many
   distances; a dialog whose sampling prompt would not fit the context ends at the turn before.
-  With `every_turn` (default) every sampled turn is learned once, with the instruction only in
-  the system message: the dialog's n prefixes, each learning its own last turn with every
-  earlier turn masked, are trained as one example that learns all n answers. The two give the
-  same (context, answer) pairs, as causal attention lets no answer see a later turn, and the
-  one example holds each turn once instead of n - t + 1 times (about half the tokens).
+  With `prefixes` (default) a sampled dialog of n turns gives n training dialogs, its first t
+  turns for t = 1..n, each learning only its own last turn: every sampled turn is learned
+  once, with the instruction only in the system message and every earlier turn masked.
 - Each turn draws `k` samples; the first finished one (ended by EOS) that the instruction's
   checker accepts is kept (rejection, as a tiny policy rarely obeys at first). Where none is
   accepted, `fallback` decides: "apply" (default) keeps `instruction.apply(base)`, a
@@ -105,7 +103,7 @@ class GAttConfig:
     temperature: float = 0.8
     max_new_tokens: int = 40
     require_check: bool = True  # keep only samples the instruction's checker accepts
-    every_turn: bool = True  # learn every sampled turn (as its prefix would), else the last
+    prefixes: bool = True  # train on every prefix 1..n of a sampled dialog (each: last turn)
     fallback: str = "apply"  # none accepted: "apply" (instruction.apply(base)) or "drop"
     # What "apply" starts from: "plain" (the policy's greedy answer without the appended
     # instruction, then the gold answer), "gold" (the world's answer) or "sample".
@@ -289,9 +287,14 @@ def sample_gatt_dialogs(loaded, plans: list[Plan], cfg: GAttConfig) -> tuple[lis
     return records, stats
 
 
-def training_dialogs(records: list[dict]) -> list[Dialog]:
-    """GAtt training dialogs from sampled records, the instruction in the first turn only."""
-    return [training_dialog(r["inst"], r["users"], r["answers"]) for r in records]
+def training_dialogs(records: list[dict], prefixes: bool = True) -> list[Dialog]:
+    """GAtt training dialogs from sampled records; with `prefixes`, the first t turns for every
+    t (each learns only its last turn), so every turn index of the sample is learned once."""
+    out = []
+    for r in records:
+        ends = range(1, len(r["answers"]) + 1) if prefixes else [len(r["answers"])]
+        out += [training_dialog(r["inst"], r["users"][:t], r["answers"][:t]) for t in ends]
+    return out
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -340,15 +343,13 @@ def run(cfg: GAttConfig) -> dict[str, Any]:
         plans = plan_dialogs(cfg, pool)
         records, stats = sample_gatt_dialogs(loaded, plans, cfg)
         write_jsonl(out / "samples.jsonl", records)
-        dialogs = training_dialogs(records)
-        replay = cfg.replay.dialogs(cfg.world_seed)
-        learn = ["all" if cfg.every_turn else "last"] * len(dialogs) + ["last"] * len(replay)
-        dialogs += replay
+        dialogs = training_dialogs(records, cfg.prefixes)
+        dialogs += cfg.replay.dialogs(cfg.world_seed)
         summary.update(stats, dialogs=len(dialogs),
                        mean_turns=sum(len(r["answers"]) for r in records) / max(1, len(records)))
         atomic_write_text(out / "sampling.json", json.dumps(summary, indent=2) + "\n")
         finetune(loaded.model, loaded.tokenizer, dialogs, out, cfg.train, cfg.seq_len,
-                 learn=learn, config=cfg, extra={"stage": "gatt"})
+                 learn="last", config=cfg, extra={"stage": "gatt"})
     else:  # resumed after its fine-tuning: the statistics of the sampling that fed it
         summary = json.loads((out / "sampling.json").read_text())
     summary["train"] = trainer_summary(out)  # kept: this summary.json replaces the Trainer's

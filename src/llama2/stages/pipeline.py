@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -31,7 +30,6 @@ from pathlib import Path
 
 from llama2 import config as config_mod
 from llama2.engine import distributed
-from llama2.stages.common import stage_done
 from llama2.stages.contract import MARKER, SUFFIX, Stage, changed_keys, notice, prune
 from llama2.stages.distill import DistillConfig
 from llama2.stages.gatt import GAttConfig
@@ -48,16 +46,6 @@ class WorldSection:
     seed: int = 0
     n_tokens: int = 2_000_000  # pretraining corpus size (approximate tokens)
     tokenizer_vocab_size: int = 1024
-
-
-def trained_alike(rc: RewardConfig, folder: Path) -> bool:
-    """`folder` holds a finished RM run with `rc`'s very settings, its folder aside (training
-    is deterministic: the same weights and held-out evaluation)."""
-    saved = folder / "config.json"
-    if not (stage_done(folder) and saved.is_file()):
-        return False
-    mine = json.loads(json.dumps(config_mod.to_dict(rc), default=str))
-    return {**json.loads(saved.read_text()), "out": ""} == {**mine, "out": ""}
 
 
 @dataclass
@@ -273,19 +261,14 @@ class Pipeline:
             rc.eval_data = [p for p in held[kind] if Path(p).is_file()]
             rc.train.resume = True
             eval_batches = [batch_marker(prefs, 0, "eval")] if rc.eval_data else []
-            stage = Stage(out / name / MARKER, {"rm": rc},
-                          {"rm.model": rc.model, "rm.helpful_data": batches,
-                           "rm.safety_data": batches, "rm.eval_data": eval_batches})
-            if not stage.done():
-                twin = self.out / "rlhf" / "v1" / ("rm_helpful" if kind == "helpfulness"
-                                                   else "rm_safety")
-                if trained_alike(rc, twin):  # the default variant is round 1's RM: copied
-                    if distributed.is_main():  # finish() holds the other ranks until then
-                        shutil.copytree(twin, rc.out, dirs_exist_ok=True)
-                        config_mod.save(rc, Path(rc.out) / "config.json")
-                else:
-                    train_reward_model(rc)
-                stage.finish()
+            # Keyed as the rounds key their RMs (rlhf._train_rm): the variant with the rounds'
+            # settings has the hash of round 1's RM and is copied from it.
+            section, twin = ("helpful_rm", "rm_helpful") if kind == "helpfulness" else \
+                ("safety_rm", "rm_safety")
+            stage = Stage(out / name / MARKER, {section: rc},
+                          {f"{section}.model": rc.model, f"{section}.helpful_data": batches,
+                           f"{section}.safety_data": batches, f"{section}.eval_data": eval_batches})
+            stage.run(lambda rc=rc: train_reward_model(rc), self.out / "rlhf" / "v1" / twin, rc)
         whole.finish()
         return False
 
@@ -326,7 +309,7 @@ class Pipeline:
         sc = copy.deepcopy(self.cfg.scaling)
         sc.model, sc.out = self.versions["pretrain"], str(self.out)
         sc.sft = copy.deepcopy(self.cfg.sft)
-        sc.sft.world_seed = self.cfg.world.seed
+        sc.sft.world_seed, sc.sft.out = self.cfg.world.seed, str(self.out / "sft")
         sc.sft.train.resume = True
         stage = self._stage("safety_scaling", self.out / f"safety_scaling{SUFFIX}",
                             {"scaling": sc}, {"scaling.model": sc.model},

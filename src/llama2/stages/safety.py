@@ -106,7 +106,9 @@ def train_share(cfg: SafetyScalingConfig, share: float) -> Path:
                  sft.val_fraction, sft.learn, config=sft,
                  extra={"stage": "safety_scaling", "safety_share": share})
 
-    Stage(folder / MARKER, {"sft": sft}, {"sft.model": cfg.model}).run(train)  # contract.py
+    # The share the recipe's own SFT has is that model (cfg.sft.out, where the pipeline made it):
+    # the same hash, so copied rather than trained again (contract.py).
+    Stage(folder / MARKER, {"sft": sft}, {"sft.model": cfg.model}).run(train, cfg.sft.out, sft)
     return folder / "model"
 
 

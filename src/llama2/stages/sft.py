@@ -11,7 +11,6 @@ mask so none attends to another. Paper defaults: cosine schedule, LR 2e-5, weigh
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +66,10 @@ def gather_dialogs(cfg: SFTConfig) -> list[Dialog]:
 
 
 def finetune(model, tokenizer, dialogs: list[Dialog], out: str | Path, train: TrainConfig,
-             seq_len: int, val_fraction: float = 0.05, learn: str | Sequence[str] = "all",
+             seq_len: int, val_fraction: float = 0.05, learn: str = "all",
              config: object | None = None, extra: dict | None = None) -> Path:
     """Fine-tune `model` on the answers of `dialogs`; the shared step of SFT, rejection-sampling
-    fine-tuning, Ghost Attention and context distillation. `learn` ("all" or "last" answers) is
-    one for every dialog or one per dialog. Returns the final model folder."""
+    fine-tuning, Ghost Attention and context distillation. Returns the final model folder."""
     seq_len = min(seq_len, model.args.max_seq_len)
     examples, cut = encode_examples(tokenizer, dialogs, seq_len, learn=learn)  # type: ignore[arg-type]
     if not examples:
