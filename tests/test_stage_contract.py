@@ -120,7 +120,10 @@ def test_a_stage_made_as_a_finished_one_was_is_copied_from_it(tmp_path, capsys):
         return stage.run(lambda: trained.append(folder), twin, cfg)
 
     same = Toy(model=str(up / "model"), out=str(tmp_path / "copy"))
+    assert not _stage(tmp_path / "copy", same, **{"toy.model": up / "model"}).done()
+    (tmp_path / "copy" / "step_9.pt").write_text("ckpt")  # then killed: its checkpoint goes
     assert not run(tmp_path / "copy", same) and not trained
+    assert not (tmp_path / "copy" / "step_9.pt").exists()
     assert (tmp_path / "copy" / "eval.json").read_text() == '{"acc": 0.7}'
     assert json.loads((tmp_path / "copy" / "config.json").read_text())["out"] == same.out
     assert f"{tmp_path / 'copy'}: made as {twin} was" in capsys.readouterr().err

@@ -238,8 +238,8 @@ class Stage:
                 and self.marker.name == MARKER):
             return False
         if distributed.is_main():  # finish() holds the other ranks until the copy is there
-            shutil.copytree(twin, self.marker.parent, dirs_exist_ok=True,
-                            ignore=shutil.ignore_patterns(MARKER))
+            _remove(self.marker.parent)  # a killed run's checkpoints too (no marker: re-run)
+            shutil.copytree(twin, self.marker.parent, ignore=shutil.ignore_patterns(MARKER))
             if config is not None:
                 from llama2.config import save
 
