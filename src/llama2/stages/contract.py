@@ -13,6 +13,9 @@ and every sub-stage ask `Stage.done()` and nothing else:
 - marker written at the start and not completed (a killed run), same hash: run again, and the
   stage continues from its own checkpoints;
 - no marker but outputs there (a run directory from before the contract): removed, run again.
+- a stage with the hash of a finished one in another folder (the RM ablation's default variant
+  is round 1's RM, Figure 15's share of the recipe is its SFT model): that one's outputs copied
+  (`Stage.copy_of`), as deterministic training would make them again.
 
 The start record is written after any stale outputs are gone, so a kill at any moment leaves
 either a complete marker or a folder that the next check treats correctly.
@@ -235,7 +238,8 @@ class Stage:
         stage. Call it between done() and finish()."""
         record = _read(Path(twin) / MARKER)
         if not (record and record.get("complete") and record["hash"] == self.hash
-                and self.marker.name == MARKER):
+                and self.marker.name == MARKER
+                and Path(twin).resolve() != self.marker.parent.resolve()):
             return False
         if distributed.is_main():  # finish() holds the other ranks until the copy is there
             _remove(self.marker.parent)  # a killed run's checkpoints too (no marker: re-run)
