@@ -34,7 +34,7 @@ from llama2.stages.contract import MARKER, SUFFIX, Stage, changed_keys, notice, 
 from llama2.stages.distill import DistillConfig
 from llama2.stages.gatt import GAttConfig
 from llama2.stages.pretrain import PretrainConfig
-from llama2.stages.reward import RewardConfig, train_reward_model
+from llama2.stages.reward import RewardConfig
 from llama2.stages.rlhf import RLHFConfig
 from llama2.stages.safety import SafetyScalingConfig
 from llama2.stages.sft import SFTConfig
@@ -232,7 +232,7 @@ class Pipeline:
     def rm_ablation(self) -> bool:
         """Margin (Table 28) and auxiliary safety loss (Table 29) ablations, trained and
         evaluated on the same pairs in this run; each variant is a stage of its own."""
-        from llama2.stages.rlhf import batch_marker
+        from llama2.stages.rlhf import batch_marker, train_rm
 
         out = self.out / "rm_ablation"
         if not self.cfg.ablation.enabled:
@@ -253,22 +253,14 @@ class Pipeline:
             return True
         prune(out, [name for _, name, _, _ in variants])
         for kind, name, margin, aux in variants:
-            template = self.cfg.rlhf.helpful_rm if kind == "helpfulness" else self.cfg.rlhf.safety_rm
-            rc: RewardConfig = copy.deepcopy(template)
-            rc.model, rc.out, rc.margin, rc.aux_safety_loss = self.versions["sft"], str(out / name), \
-                margin, aux
-            rc.helpful_data, rc.safety_data = helpful, safety
-            rc.eval_data = [p for p in held[kind] if Path(p).is_file()]
-            rc.train.resume = True
-            eval_batches = [batch_marker(prefs, 0, "eval")] if rc.eval_data else []
-            # Keyed as the rounds key their RMs (rlhf._train_rm): the variant with the rounds'
-            # settings has the hash of round 1's RM and is copied from it.
-            section, twin = ("helpful_rm", "rm_helpful") if kind == "helpfulness" else \
-                ("safety_rm", "rm_safety")
-            stage = Stage(out / name / MARKER, {section: rc},
-                          {f"{section}.model": rc.model, f"{section}.helpful_data": batches,
-                           f"{section}.safety_data": batches, f"{section}.eval_data": eval_batches})
-            stage.run(lambda rc=rc: train_reward_model(rc), self.out / "rlhf" / "v1" / twin, rc)
+            section = "helpful_rm" if kind == "helpfulness" else "safety_rm"
+            rc: RewardConfig = copy.deepcopy(getattr(self.cfg.rlhf, section))
+            rc.margin, rc.aux_safety_loss = margin, aux
+            heldout = [p for p in held[kind] if Path(p).is_file()]
+            # The variant with the rounds' own settings is round 1's RM: the same stage, copied.
+            train_rm(section, rc, self.versions["sft"], out / name, helpful, safety, heldout,
+                     batches, [batch_marker(prefs, 0, "eval")] if heldout else [],
+                     twin=self.out / "rlhf" / "v1" / f"rm_{section[:-3]}")
         whole.finish()
         return False
 

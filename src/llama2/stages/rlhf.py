@@ -85,9 +85,11 @@ def _batch_stage(prefs_dir: Path, k: int, split: str, pc: PreferencesConfig | No
                  {"preferences.models": pc.models}, files)
 
 
-def _train_rm(section: str, template: RewardConfig, sft: str, out: Path, helpful: list[str],
-              safety: list[str], heldout: list[str], batches: list[Path],
-              held_batches: list[Path]) -> Path:
+def train_rm(section: str, template: RewardConfig, sft: str, out: Path, helpful: list[str],
+             safety: list[str], heldout: list[str], batches: list[Path],
+             held_batches: list[Path], twin: Path | None = None) -> Path:
+    """One RM as a stage ("helpful_rm" or "safety_rm"), copied from `twin` where that stage
+    ran with the same settings and inputs (contract.Stage.copy_of)."""
     cfg = copy.deepcopy(template)
     cfg.model, cfg.out = sft, str(out)
     cfg.helpful_data, cfg.safety_data = list(helpful), list(safety)
@@ -97,7 +99,7 @@ def _train_rm(section: str, template: RewardConfig, sft: str, out: Path, helpful
                   {f"{section}.model": sft, f"{section}.helpful_data": batches,
                    f"{section}.safety_data": batches,
                    f"{section}.eval_data": held_batches if heldout else cfg.eval_data})
-    stage.run(lambda: train_reward_model(cfg))
+    stage.run(lambda: train_reward_model(cfg), twin, cfg)
     return out / "model"
 
 
@@ -165,7 +167,7 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
                 for name in ("helpful", "safety")}
         batches = [batch_marker(prefs_dir, b) for b in range(last + 1)]
         held = [batch_marker(prefs_dir, first, "eval")]
-        return [_train_rm(f"{kind}_rm", getattr(cfg, f"{kind}_rm"), cfg.sft, where / f"rm_{kind}",
+        return [train_rm(f"{kind}_rm", getattr(cfg, f"{kind}_rm"), cfg.sft, where / f"rm_{kind}",
                           data["helpful"], data["safety"],
                           [str(prefs_dir / f"eval_{kind}_batch_{first}.jsonl")]
                           if cfg.eval_share > 0 else [], batches, held)
