@@ -9,7 +9,7 @@ import torch
 
 from conftest import shared_file
 from llama2 import checkpoint
-from llama2.generation import generate, log_likelihood
+from llama2.generation import Decoder, generate, log_likelihood
 from llama2.model import Attention, ModelArgs, Transformer, preset
 
 transformers = pytest.importorskip("transformers", reason="transformers is a test extra")
@@ -62,7 +62,13 @@ def test_greedy_generation_equals_transformers_batched():
         checkpoint.export_hf(model, None, d)
         peer = transformers.LlamaForCausalLM.from_pretrained(d).eval()
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 20, 21], [1, 30, 31, 32, 33, 34]]
-    ours = generate(model, prompts, max_new_tokens=32, eos_id=None)
+    seen: list[int] = []  # tokens through the feed-forward per call: the prefill's, then 1 a row
+    decoder = Decoder(model)
+    hook = decoder.net().layers[0].feed_forward.register_forward_hook(
+        lambda m, args, out: seen.append(args[0].shape[:-1].numel()))
+    ours = generate(model, prompts, max_new_tokens=32, eos_id=None, decoder=decoder)
+    hook.remove()
+    assert seen[0] == sum(map(len, prompts)) and seen[1] == len(prompts)  # no padding computed
     for p, new in zip(prompts, ours.tokens):
         with torch.no_grad():
             out = peer.generate(torch.tensor([p]), max_new_tokens=32, do_sample=False,
@@ -361,3 +367,28 @@ def test_packed_twin_decodes_what_the_model_decodes(tmp_path):
             out = peer.generate(torch.tensor([p]), max_new_tokens=24, do_sample=False,
                                 pad_token_id=0, eos_token_id=None)
         assert out[0, len(p):].tolist() == new
+
+
+def test_attention_runs_in_fp32_under_cpu_autocast():
+    """Under CPU bf16 autocast the attention itself is fp32 (the CPU's bf16 kernels are slower at
+    these head sizes): its output is fp32 SDPA of the bf16 projections, rounded once, with or
+    without a mask, and gradients flow to the bf16 inputs."""
+    import torch.nn.functional as F
+
+    from llama2.model import attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 9, 16, generator=g).bfloat16() for n in (4, 2, 2))
+    mask = torch.rand(2, 1, 9, 9, generator=g) > 0.3
+    mask |= torch.eye(9, dtype=torch.bool)
+    for m in (None, mask):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attention(q, k, v, m, gqa=True)
+        want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m,
+                                              is_causal=m is None, enable_gqa=True)
+        assert got.dtype == torch.bfloat16
+        assert torch.equal(got, want.bfloat16())
+    leaf = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        attention(leaf, k, v, None, gqa=True).float().sum().backward()
+    assert leaf.grad is not None and leaf.grad.dtype == torch.bfloat16 and leaf.grad.abs().sum() > 0
