@@ -316,16 +316,9 @@ def _decode(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
     positions = (torch.arange(longest, device=device).view(1, -1) - pads.view(-1, 1)).clamp_min(0)
     cache.length = None if decoder.compiled else longest
     prefill_mask = causal_padding_mask(valid[:, :cache.length or total], longest)
-    input_pos = torch.arange(longest, device=device)
-    if decoder.compiled:  # fixed shapes: the padded rows
-        h = model.hidden(tokens, positions=positions, mask=prefill_mask, cache=cache,
-                         input_pos=input_pos)
-        logits = model.output(h[:, -1])
-    else:  # the prompts' own tokens only; attention and the cache in the left-padded layout
-        slots = valid[:, :longest].reshape(-1).nonzero().view(-1)
-        h = model.hidden(tokens.view(1, -1)[:, slots], positions=positions.view(1, -1)[:, slots],
-                         mask=prefill_mask, cache=cache, input_pos=input_pos, slots=slots)
-        logits = model.output(h[0, lengths.cumsum(0) - 1])
+    h = model.hidden(tokens, positions=positions, mask=prefill_mask, cache=cache,
+                     input_pos=torch.arange(longest, device=device))
+    logits = model.output(h[:, -1])
     # A step attends to the cache's real positions (no left padding) up to its own, through an
     # additive mask (0 or -inf) made once here: a boolean one is converted in every layer.
     autocast = torch.is_autocast_enabled(device.type)
