@@ -172,8 +172,8 @@ class Attention(nn.Module):
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
               gqa: bool) -> torch.Tensor:
-    """SDPA; causal where no mask is given. Under CPU bf16 autocast it runs in fp32: the CPU's
-    bf16 attention kernels are slower than its fp32 ones at small head sizes (the backward 1.3-3x)."""
+    """SDPA; causal where no mask is given. Under CPU bf16 autocast it runs in fp32: at small head
+    sizes the CPU's bf16 attention is slower than its fp32 one, up to 3x on short sequences."""
     if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         if mask is not None and mask.is_floating_point():  # an additive mask (decoding)
             mask = mask.float()
