@@ -164,25 +164,12 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_id, input_pos, k, v)
         # GQA: each kv head serves n_heads / n_kv_heads query heads; SDPA shares them without
         # materializing repeated keys and values.
-        out = attention(q, k, v, mask, self.n_kv_heads != self.n_heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
+        out = out.transpose(1, 2)
         if slots is not None:
             out = out.flatten(0, 1)[slots]
         return self.wo(out.reshape(B, T, -1))
-
-
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-              gqa: bool) -> torch.Tensor:
-    """SDPA; causal where no mask is given. Under CPU bf16 autocast it runs in fp32: at small head
-    sizes the CPU's bf16 attention is slower than its fp32 one, up to 3x on short sequences."""
-    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        if mask is not None and mask.is_floating_point():  # an additive mask (decoding)
-            mask = mask.float()
-        with torch.autocast("cpu", enabled=False):
-            out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                 is_causal=mask is None, enable_gqa=gqa)
-        return out.to(torch.get_autocast_dtype("cpu"))
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                          enable_gqa=gqa)
 
 
 def to_slots(x: torch.Tensor, slots: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
