@@ -260,7 +260,7 @@ class Pipeline:
             # The variant with the rounds' own settings is round 1's RM: the same stage, copied.
             train_rm(section, rc, self.versions["sft"], out / name, helpful, safety, heldout,
                      batches, [batch_marker(prefs, 0, "eval")] if heldout else [],
-                     twin=self.out / "rlhf" / "v1" / f"rm_{section[:-3]}")
+                     twin=self.out / "rlhf" / "v1" / f"rm_{section.removesuffix('_rm')}")
         whole.finish()
         return False
 

@@ -168,9 +168,9 @@ def run_round(cfg: RLHFConfig, v: int, policy: str, previous_best: list[str]) ->
         batches = [batch_marker(prefs_dir, b) for b in range(last + 1)]
         held = [batch_marker(prefs_dir, first, "eval")]
         return [train_rm(f"{kind}_rm", getattr(cfg, f"{kind}_rm"), cfg.sft, where / f"rm_{kind}",
-                          data["helpful"], data["safety"],
-                          [str(prefs_dir / f"eval_{kind}_batch_{first}.jsonl")]
-                          if cfg.eval_share > 0 else [], batches, held)
+                         data["helpful"], data["safety"],
+                         [str(prefs_dir / f"eval_{kind}_batch_{first}.jsonl")]
+                         if cfg.eval_share > 0 else [], batches, held)
                 for kind in kinds]
 
     rm_h, rm_s = train_rms(first, ("helpful", "safety"), out / f"v{v}")
